@@ -1,0 +1,1 @@
+"""Small example data bundled with dpm (the Li demo map)."""
