@@ -1,0 +1,1 @@
+"""File input and output: pattern readers, map writers, EMsoft master-pattern files."""
