@@ -1,0 +1,135 @@
+"""Master patterns: Kikuchi intensity over the whole sphere, on square Lambert grids.
+
+A :class:`MasterPattern` holds one beam energy of a master pattern as two
+``(2 npx + 1)²`` float32 arrays, one per hemisphere, in EMsoft's layout
+(``[row, col] = [Lambert y, Lambert x]``, see :mod:`dpm.master.lambert`).
+:func:`simulate_master_pattern` makes one for a phase; files are read and
+written in EMsoft's HDF5 layout by :mod:`dpm.io.emsoft`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from orix.crystal_map import Phase
+
+Method = Literal["kinematical", "dynamical"]
+
+
+@dataclass(frozen=True, eq=False)
+class MasterPattern:
+    """One energy of a master pattern on the square Lambert grids of both hemispheres.
+
+    Attributes
+    ----------
+    northern, southern : (2 npx + 1, 2 npx + 1) float32 array
+        Intensity of the northern (``z >= 0``) and southern hemisphere of the
+        crystal frame; ``[row, col]`` is Lambert ``(y, x)``.
+    phase
+        orix phase (space group, lattice in Å, atoms).
+    energy
+        Beam energy of this slice in keV.
+    method
+        How it was made: ``"kinematical"``, ``"dynamical"`` or ``"file"``.
+    params
+        Parameters of the simulation (recorded in written files).
+    """
+
+    northern: np.ndarray
+    southern: np.ndarray
+    phase: Phase
+    energy: float
+    method: str = "kinematical"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        north = np.ascontiguousarray(self.northern, dtype=np.float32)
+        south = np.ascontiguousarray(self.southern, dtype=np.float32)
+        if north.ndim != 2 or north.shape[0] != north.shape[1] or north.shape[0] % 2 != 1:
+            raise ValueError(
+                f"master pattern hemispheres must be square with an odd side (2 npx + 1), "
+                f"got shape {north.shape}")
+        if south.shape != north.shape:
+            raise ValueError(
+                f"northern {north.shape} and southern {south.shape} hemispheres differ in shape")
+        if not (np.isfinite(north).all() and np.isfinite(south).all()):
+            raise ValueError("master pattern contains NaN or infinite values")
+        if not self.energy > 0:
+            raise ValueError(f"beam energy must be positive (keV), got {self.energy}")
+        object.__setattr__(self, "northern", north)
+        object.__setattr__(self, "southern", south)
+
+    @property
+    def npx(self) -> int:
+        """Half-width of the Lambert grid in pixels (side ``2 npx + 1``)."""
+        return (self.northern.shape[0] - 1) // 2
+
+    def to_kikuchipy(self):
+        """Return a kikuchipy ``EBSDMasterPattern`` (Lambert, both hemispheres)."""
+        from kikuchipy.signals import EBSDMasterPattern
+
+        data = np.stack([self.northern, self.southern])
+        mp = EBSDMasterPattern(data, projection="lambert", hemisphere="both", phase=self.phase)
+        mp._energy = np.array([self.energy])  # noqa: SLF001 (kikuchipy keeps the energy here)
+        return mp
+
+    @classmethod
+    def from_kikuchipy(cls, mp, energy: float | None = None) -> MasterPattern:
+        """Build from a kikuchipy ``EBSDMasterPattern`` in Lambert projection.
+
+        Parameters
+        ----------
+        mp
+            Master pattern with ``hemisphere="both"`` and optionally an energy axis.
+        energy
+            Energy slice in keV; the highest when None (kikuchipy's default).
+        """
+        if mp.projection != "lambert":
+            raise ValueError(f"master pattern must be in the Lambert projection, got {mp.projection!r}")
+        if mp.hemisphere != "both":
+            raise ValueError(f"master pattern must hold both hemispheres, got {mp.hemisphere!r}")
+        data = np.asarray(mp.data)
+        energies = np.atleast_1d(np.asarray(getattr(mp, "_energy", None) or [0.0], dtype=float))
+        if data.ndim == 4:  # (hemisphere, energy, row, col)
+            i = int(np.argmax(energies)) if energy is None else int(np.argmin(abs(energies - energy)))
+            data = data[:, i]
+            e = float(energies[i])
+        else:
+            e = float(energies.max()) if energy is None else float(energy)
+        return cls(data[0], data[1], phase=mp.phase.deepcopy(), energy=e, method="file")
+
+
+def simulate_master_pattern(
+    phase: str | Phase,
+    kv: float = 20.0,
+    npx: int = 500,
+    method: Method = "kinematical",
+    **options: Any,
+) -> MasterPattern:
+    """Simulate the master pattern of a phase.
+
+    Parameters
+    ----------
+    phase
+        ``"li"``, ``"na"``, ``"al"``, ``"cu"``, a CIF path, or an orix ``Phase``.
+    kv
+        Accelerating voltage in kV.
+    npx
+        Half-width of the Lambert grid (side ``2 npx + 1``).
+    method
+        ``"kinematical"`` (band intensities from |F|²).
+    **options
+        Passed to the method's config (see :mod:`dpm.master.kinematical`).
+    """
+    from dpm.crystal import get_phase
+
+    ph = get_phase(phase) if isinstance(phase, str) else phase
+    if method == "kinematical":
+        from dpm.master.kinematical import KinematicalConfig, kinematical_master_pattern
+
+        return kinematical_master_pattern(ph, kv=kv, npx=npx, config=KinematicalConfig(**options))
+    raise ValueError(f"unknown master-pattern method {method!r}; available: 'kinematical'")
