@@ -93,13 +93,16 @@ class MasterPattern:
         if mp.hemisphere != "both":
             raise ValueError(f"master pattern must hold both hemispheres, got {mp.hemisphere!r}")
         data = np.asarray(mp.data)
-        energies = np.atleast_1d(np.asarray(getattr(mp, "_energy", None) or [0.0], dtype=float))
-        if data.ndim == 4:  # (hemisphere, energy, row, col)
+        energy_axes = [a for a in mp.axes_manager.navigation_axes if a.name == "energy"]
+        if data.ndim == 4 and energy_axes:  # (hemisphere, energy, row, col)
+            energies = np.asarray(energy_axes[0].axis, dtype=float)
             i = int(np.argmax(energies)) if energy is None else int(np.argmin(abs(energies - energy)))
-            data = data[:, i]
-            e = float(energies[i])
+            data, e = data[:, i], float(energies[i])
+        elif data.ndim == 3 and energy is not None:
+            e = float(energy)
         else:
-            e = float(energies.max()) if energy is None else float(energy)
+            raise ValueError(f"cannot tell the beam energy of a master pattern of shape "
+                             f"{data.shape}; pass energy= (keV)")
         return cls(data[0], data[1], phase=mp.phase.deepcopy(), energy=e, method="file")
 
 

@@ -1,0 +1,198 @@
+"""Command line: a thin shell over :mod:`dpm.pipeline` (see DESIGN.md, "Command line").
+
+Exit codes: 0 on success, 2 on bad input or usage, 1 on any other failure.
+Errors are one line (``dpm index: error: ...``); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+_INDEX_OPTIONS = ("phase", "master_pattern", "pc", "pc_convention", "sample_tilt",
+                  "detector_tilt", "resolution", "refine", "device", "memory_budget",
+                  "kv", "npx", "keep", "method")
+
+
+class UsageError(ValueError):
+    """Bad command-line usage or input."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpm", description="EBSD dictionary indexing on CPU or GPU.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="simulate, index and analyse the bundled Li example")
+    d.add_argument("--out", default="dpm-demo", help="output folder (default: ./dpm-demo)")
+    d.add_argument("--device", default=None, choices=("auto", "cpu", "gpu"))
+
+    s = sub.add_parser("simulate", help="simulate a master pattern (EMsoft HDF5 layout)")
+    s.add_argument("--phase", required=True, help="li, na, al, cu or a CIF file")
+    s.add_argument("--kv", type=float, default=20.0, help="beam energy in kV (default 20)")
+    s.add_argument("--npx", type=int, default=500, help="Lambert half-width in pixels (default 500)")
+    s.add_argument("--method", default="kinematical", choices=("kinematical",))
+    s.add_argument("--out", required=True, help="output .h5 file")
+
+    i = sub.add_parser("index", help="index a pattern stack")
+    i.add_argument("patterns", help=".npy (n, sy, sx) or (ny, nx, sy, sx), or any kikuchipy file")
+    i.add_argument("--out", required=True, help="output folder")
+    i.add_argument("--config", help="TOML file with any of the options below")
+    i.add_argument("--phase", help="li, na, al, cu or a CIF file (default li)")
+    i.add_argument("--master-pattern", help="master-pattern file (EMsoft HDF5 or kikuchipy)")
+    i.add_argument("--pc", nargs=3, type=float, metavar=("X", "Y", "Z"), help="pattern centre")
+    i.add_argument("--pc-convention", help="bruker (default), tsl, edax, oxford, emsoft")
+    i.add_argument("--sample-tilt", type=float, help="sample tilt in degrees (default 70)")
+    i.add_argument("--detector-tilt", type=float, help="detector tilt in degrees (default 0)")
+    i.add_argument("--resolution", type=float, help="dictionary orientation spacing, degrees (default 2)")
+    i.add_argument("--no-refine", dest="refine", action="store_false", default=None,
+                   help="report dictionary matches without refinement")
+    i.add_argument("--device", choices=("auto", "cpu", "gpu"), help="default auto")
+    i.add_argument("--memory-budget", help="bytes for matching, e.g. 4GB (default half the free memory)")
+    i.add_argument("--kv", type=float, help="beam energy for a simulated master pattern (default 20)")
+    i.add_argument("--npx", type=int, help="Lambert half-width of a simulated master pattern (default 500)")
+    i.add_argument("--method", choices=("kinematical",), help="master-pattern simulation method")
+    i.add_argument("--keep", type=int, help="best matches kept per pattern (default 10)")
+
+    f = sub.add_parser("info", help="what dpm sees in a pattern or master-pattern file")
+    f.add_argument("file")
+    return p
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    unknown = set(data) - set(_INDEX_OPTIONS) - {"preprocess", "chunk_size"}
+    if unknown:
+        raise UsageError(f"config file {path}: unknown option(s) {sorted(unknown)}")
+    return data
+
+
+def _index_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults < config file < command line."""
+    options: dict[str, Any] = {"phase": "li", "pc_convention": "bruker", "sample_tilt": 70.0,
+                               "detector_tilt": 0.0}
+    if args.config:
+        options.update(_load_toml(args.config))
+    options.update({k: getattr(args, k) for k in _INDEX_OPTIONS if getattr(args, k) is not None})
+    return options
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dpm import backend
+    from dpm.detector import Detector
+    from dpm.io.readers import read_patterns
+    from dpm.io.writers import prepare_output_dir, write_index_outputs
+    from dpm.pipeline import IndexConfig, index
+    from dpm.preprocess import PreprocessConfig
+
+    opts = _index_options(args)
+    out = prepare_output_dir(args.out)
+    stack = read_patterns(args.patterns)
+    if "pc" in opts:
+        det = Detector.from_pc(tuple(opts["pc"]), convention=opts["pc_convention"],
+                               shape=stack.pattern_shape, sample_tilt=opts["sample_tilt"],
+                               tilt=opts["detector_tilt"])
+    else:
+        det = stack.detector
+    fields = {k: opts[k] for k in ("kv", "npx", "method", "resolution", "keep", "refine",
+                                   "device", "chunk_size") if k in opts}
+    if "memory_budget" in opts:
+        fields["memory_budget"] = backend.parse_bytes(opts["memory_budget"])
+    if "preprocess" in opts:
+        fields["preprocess"] = PreprocessConfig(**opts["preprocess"])
+    config = IndexConfig(**fields)
+    result = index(stack, phase=opts["phase"], detector=det,
+                   master_pattern=opts.get("master_pattern"), config=config,
+                   progress=not args.quiet)
+    write_index_outputs(result, out)
+    s = result.scores
+    print(f"indexed {s.size} patterns against {result.dictionary_size} orientations in "
+          f"{result.timings['total']:.1f} s; mean NCC {float(np.mean(s)):.3f}; results in {out}")
+    return EXIT_OK
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from dpm.demo import run_demo
+
+    report = run_demo(args.out, device=args.device, progress=not args.quiet)
+    print(report)
+    return EXIT_OK
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from dpm.io.emsoft import write_master_pattern
+    from dpm.master import simulate_master_pattern
+
+    t = time.perf_counter()
+    mp = simulate_master_pattern(args.phase, kv=args.kv, npx=args.npx, method=args.method)
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise UsageError(f"output folder {out.parent} does not exist")
+    write_master_pattern(mp, out)
+    print(f"{args.method} master pattern of {mp.phase.name} at {args.kv} kV, "
+          f"npx {mp.npx}, in {time.perf_counter() - t:.1f} s: {out}")
+    return EXIT_OK
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from dpm.io.readers import read_patterns
+
+    stack = read_patterns(args.file)
+    print(f"file:          {stack.source}")
+    print(f"map shape:     {stack.map_shape} (ny, nx)")
+    print(f"pattern shape: {stack.pattern_shape} (sy, sx), dtype {stack.data.dtype}")
+    print(f"step size:     {stack.step_size} um")
+    print(f"detector:      {stack.detector}")
+    print(f"background:    {'yes' if stack.static_background is not None else 'no'}")
+    return EXIT_OK
+
+
+_COMMANDS = {"index": _run_index, "demo": _run_demo, "simulate": _run_simulate, "info": _run_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dpm`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="dpm: %(message)s")
+    from dpm.backend import GPUUnavailableError
+    from dpm.io.writers import OutputError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, GPUUnavailableError, OutputError) as e:
+        if args.debug:
+            raise
+        print(f"dpm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"dpm {args.command}: interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as e:  # noqa: BLE001 (report any other failure in one line, exit 1)
+        if args.debug:
+            raise
+        print(f"dpm {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""PNG maps: IPF colours (orix's key) and scalar property maps.
+
+Pixels that are not indexed are drawn black in IPF maps. Images keep the map's
+pixel grid (one image pixel per map pixel), row 0 at the top.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def ipf_colors(xmap, direction: str = "z") -> np.ndarray:
+    """IPF colours of the best match of every pixel along a sample direction.
+
+    Parameters
+    ----------
+    xmap
+        orix ``CrystalMap`` with one phase (multi-phase maps colour each phase
+        with its own key).
+    direction
+        Sample direction ``"x"``, ``"y"`` or ``"z"``.
+
+    Returns
+    -------
+    rgb : (ny, nx, 3) float array in [0, 1]
+    """
+    from orix.plot import IPFColorKeyTSL
+    from orix.vector import Vector3d
+
+    axes = {"x": Vector3d.xvector(), "y": Vector3d.yvector(), "z": Vector3d.zvector()}
+    if direction not in axes:
+        raise ValueError(f"IPF direction must be 'x', 'y' or 'z', got {direction!r}")
+    rgb = np.zeros((xmap.size, 3))
+    for phase_id, phase in xmap.phases:
+        if phase_id < 0:
+            continue
+        in_phase = xmap.phase_id == phase_id
+        sub = xmap[in_phase]
+        key = IPFColorKeyTSL(phase.point_group.laue, direction=axes[direction])
+        ori = sub.orientations
+        rgb[np.flatnonzero(in_phase & xmap.is_in_data)] = key.orientation2color(ori)
+    return rgb.reshape(*xmap.shape, 3)
+
+
+def _scale(shape: tuple[int, ...], scale: int | None) -> int:
+    """Image pixels per map pixel: enough for a ~600 px wide image unless given."""
+    return scale if scale is not None else max(1, -(-600 // max(shape[1], 1)))
+
+
+def save_rgb(path: str | Path, rgb: np.ndarray, scale: int | None = None) -> None:
+    """Save an ``(ny, nx, 3)`` image in [0, 1] as PNG, each map pixel ``scale`` image pixels wide."""
+    import matplotlib.image as mpimg
+
+    scale = _scale(rgb.shape, scale)
+    big = np.repeat(np.repeat(np.clip(rgb, 0, 1), scale, axis=0), scale, axis=1)
+    mpimg.imsave(str(path), big)
+
+
+def save_scalar(path: str | Path, values: np.ndarray, cmap: str = "gray",
+                vmin: float | None = None, vmax: float | None = None, scale: int | None = None) -> None:
+    """Save an ``(ny, nx)`` scalar map (e.g. NCC score) as PNG with a colour map."""
+    import matplotlib.image as mpimg
+
+    scale = _scale(np.shape(values), scale)
+    v = np.asarray(values, dtype=float)
+    big = np.repeat(np.repeat(v, scale, axis=0), scale, axis=1)
+    mpimg.imsave(str(path), big, cmap=cmap, vmin=vmin, vmax=vmax)

@@ -1,0 +1,344 @@
+"""The indexing pipeline: raw patterns in, an orix CrystalMap out.
+
+:func:`index` strings the stages together from one :class:`IndexConfig`:
+
+1. read the stack lazily (:mod:`dpm.io.readers`) and check it against the detector;
+2. remove the static background and normalise every pattern, chunk by chunk
+   (:mod:`dpm.preprocess`, :func:`dpm.match.prepare_patterns`);
+3. take the master pattern given, read it from a file, or simulate it (:mod:`dpm.master`);
+4. sample the fundamental zone (:mod:`dpm.sampling`) and match every pattern
+   against the dictionary projected chunk by chunk (:mod:`dpm.dictionary`,
+   :mod:`dpm.match`), keeping the best ``keep`` matches;
+5. return the map with scores, top-k indices and timings.
+
+The CLI (:mod:`dpm.cli`) is a thin shell over this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpm import backend
+from dpm.preprocess import PreprocessConfig
+
+log = logging.getLogger("dpm")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Everything :func:`index` and ``dpm index`` can be told.
+
+    Attributes
+    ----------
+    kv
+        Beam energy in kV for a simulated master pattern.
+    npx
+        Half-width of a simulated master pattern's Lambert grid.
+    method
+        Master-pattern simulation method when none is given.
+    resolution
+        Orientation sampling of the dictionary in degrees.
+    keep
+        Best matches kept per pattern.
+    refine
+        Refine orientations after matching (the refinement stage is not built
+        yet: the result records ``refined = False``).
+    device
+        ``"auto"``, ``"cpu"`` or ``"gpu"``.
+    memory_budget
+        Bytes the matching stage may use (None: half the free memory).
+    chunk_size
+        Patterns read and preprocessed per chunk.
+    preprocess
+        Preprocessing steps.
+    """
+
+    kv: float = 20.0
+    npx: int = 500
+    method: str = "kinematical"
+    resolution: float = 2.0
+    keep: int = 10
+    refine: bool = True
+    device: str = "auto"
+    memory_budget: int | None = None
+    chunk_size: int = 4096
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self) -> None:
+        if not self.kv > 0:
+            raise ValueError(f"beam energy must be positive, got {self.kv} kV")
+        if not 0 < self.resolution <= 15:
+            raise ValueError(f"orientation resolution must be in (0, 15] degrees, got {self.resolution}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be at least 1, got {self.keep}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for ``config.toml`` and ``summary.json``)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class IndexResult:
+    """Result of :func:`index`.
+
+    Attributes
+    ----------
+    xmap
+        orix ``CrystalMap``: top-``keep`` rotations per pixel, properties
+        ``scores`` (n, keep), ``simulation_indices`` (n, keep) and
+        ``readable`` (False for constant patterns, which are not indexed).
+    scores : (ny, nx) float32 array
+        Best NCC score per pixel (0 where the pattern was unreadable).
+    dictionary_size
+        Number of dictionary orientations.
+    refined
+        Whether orientations were refined.
+    timings
+        Seconds per stage.
+    config
+        The resolved configuration.
+    source
+        Where the patterns came from.
+    """
+
+    xmap: Any
+    scores: np.ndarray
+    dictionary_size: int
+    refined: bool
+    timings: dict[str, float]
+    config: IndexConfig
+    source: str = "array"
+
+    def summary(self) -> dict[str, Any]:
+        """Map-level numbers for ``summary.json``."""
+        readable = np.asarray(self.xmap.prop["readable"], dtype=bool)
+        return {
+            "source": self.source,
+            "map_shape": list(self.scores.shape),
+            "patterns": int(self.scores.size),
+            "unreadable_patterns": int((~readable).sum()),
+            "dictionary_size": self.dictionary_size,
+            "refined": self.refined,
+            "score_mean": float(self.scores[readable.reshape(self.scores.shape)].mean()),
+            "timings_s": self.timings,
+            "phase": self.xmap.phases[0].name,
+        }
+
+
+def _resolve_master(phase: Any, master_pattern: Any, config: IndexConfig):
+    from dpm.master import MasterPattern, simulate_master_pattern
+
+    if isinstance(master_pattern, MasterPattern):
+        return master_pattern
+    if master_pattern is not None:
+        from dpm.io.emsoft import read_master_pattern
+
+        return read_master_pattern(master_pattern, energy=config.kv)
+    return simulate_master_pattern(phase, kv=config.kv, npx=config.npx, method=config.method)
+
+
+def _chunks(data: Any, size: int):
+    """Yield ``(start, (k, sy, sx) NumPy array)`` over a flattened pattern stack."""
+    flat = data.reshape(-1, *data.shape[-2:])
+    for start in range(0, flat.shape[0], size):
+        chunk = flat[start:start + size]
+        if hasattr(chunk, "compute"):
+            chunk = chunk.compute()
+        yield start, np.asarray(chunk)
+
+
+def _varying(chunk: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(k,) bool: True where a raw pattern is not constant over the masked pixels."""
+    flat = chunk.reshape(len(chunk), -1)
+    if mask is not None:
+        flat = flat[:, mask.ravel()]
+    return flat.max(axis=1) > flat.min(axis=1)
+
+
+def prepare_stack(stack, detector, *, mask: np.ndarray | None, config: IndexConfig,
+                  background: np.ndarray | None, xp) -> tuple[Any, np.ndarray]:
+    """Background-correct and normalise every pattern of a stack, chunk by chunk.
+
+    Constant raw patterns (a blanked beam, a dead frame) are not indexed: they
+    get zero rows and ``readable = False``, and are left out of the mean
+    background.
+
+    Returns
+    -------
+    patterns : (n, npix) float32 array on ``xp``
+        Zero-mean unit-norm rows over the masked pixels; zero rows where the
+        pattern is unreadable.
+    readable : (n,) bool array
+
+    Raises
+    ------
+    ValueError
+        Naming the first pixel, when a pattern holds NaN or infinite values,
+        or when no pattern is readable.
+    """
+    from dpm.match import prepare_patterns
+    from dpm.preprocess import mean_pattern, remove_static_background
+
+    pre = config.preprocess
+    ny, nx = stack.map_shape
+    if pre.static_background == "mean":
+        background = mean_pattern(c[_varying(c, mask)] for _, c in _chunks(stack.data, config.chunk_size))
+    elif pre.static_background == "given" and background is None:
+        if stack.static_background is None:
+            raise ValueError(f"{stack.source}: static_background='given' but neither the call "
+                             "nor the file provides a background")
+        background = stack.static_background
+    n = ny * nx
+    npix = int(mask.sum()) if mask is not None else int(np.prod(detector.shape))
+    out = xp.empty((n, npix), dtype=xp.float32)
+    readable = np.ones(n, dtype=bool)
+    for start, chunk in _chunks(stack.data, config.chunk_size):
+        finite = np.isfinite(chunk).all(axis=(1, 2))
+        if not finite.all():
+            i = start + int(np.flatnonzero(~finite)[0])
+            raise ValueError(f"{stack.source}: pattern {i} (row {i // nx}, column {i % nx}) holds "
+                             f"NaN or infinite values ({int((~finite).sum())} such patterns in "
+                             f"this chunk)")
+        c = xp.asarray(chunk)
+        if pre.static_background != "none":
+            c = remove_static_background(c, background, pre.operation)
+        rows, valid = prepare_patterns(c, mask=mask)
+        ok = _varying(chunk, mask) & backend.to_host(valid)
+        rows[xp.asarray(~ok)] = 0.0
+        out[start:start + len(chunk)] = rows
+        readable[start:start + len(chunk)] = ok
+    if not readable.any():
+        raise ValueError(f"{stack.source}: every pattern is constant; nothing to index")
+    if not readable.all():
+        first = int(np.flatnonzero(~readable)[0])
+        log.warning("%d constant patterns are not indexed (first: pattern %d, row %d, column %d)",
+                    int((~readable).sum()), first, first // nx, first % nx)
+    return out, readable
+
+
+def index(
+    patterns: Any,
+    phase: Any = "li",
+    detector: Any = None,
+    *,
+    master_pattern: Any = None,
+    mask: np.ndarray | None = None,
+    background: np.ndarray | None = None,
+    step_size: float | None = None,
+    config: IndexConfig | None = None,
+    progress: bool = False,
+) -> IndexResult:
+    """Index a stack of EBSD patterns by dictionary matching.
+
+    Parameters
+    ----------
+    patterns
+        ``(n, sy, sx)`` or ``(ny, nx, sy, sx)`` NumPy/dask array, a
+        :class:`~dpm.io.readers.PatternStack`, or a path to any pattern file
+        dpm reads.
+    phase
+        ``"li"``, ``"na"``, ``"al"``, ``"cu"``, a CIF path or an orix ``Phase``
+        (ignored when ``master_pattern`` is given: its phase is used).
+    detector
+        dpm ``Detector`` or kikuchipy ``EBSDDetector``; when None, the one
+        stored in the pattern file.
+    master_pattern
+        A :class:`~dpm.master.MasterPattern`, a master-pattern file, or None to
+        simulate one for ``phase``.
+    mask : (sy, sx) bool array, optional
+        Signal mask, True where detector pixels are used.
+    background : (sy, sx) array, optional
+        Static background (with ``config.preprocess.static_background="given"``).
+    step_size
+        Map step in µm (default: from the file, else 1).
+    config
+        Options; defaults as the CLI.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    IndexResult
+    """
+    from orix.crystal_map import CrystalMap, PhaseList
+    from orix.quaternion import Rotation
+
+    from dpm.detector import as_detector
+    from dpm.dictionary import Dictionary
+    from dpm.io.readers import as_pattern_stack, read_patterns
+    from dpm.match import MatchConfig, match
+    from dpm.sampling import sample_orientations
+
+    config = config or IndexConfig()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stack = read_patterns(patterns) if isinstance(patterns, (str, Path)) else as_pattern_stack(patterns)
+    if detector is None:
+        if stack.detector is None:
+            raise ValueError(f"{stack.source}: no detector given and the file stores none; "
+                             "give the pattern centre (--pc X Y Z)")
+        detector = stack.detector
+    det = as_detector(detector)
+    if tuple(det.shape) != stack.pattern_shape:
+        raise ValueError(f"{stack.source}: pattern shape {stack.pattern_shape} does not match the "
+                         f"detector shape {tuple(det.shape)}")
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != stack.pattern_shape:
+            raise ValueError(f"signal mask shape {mask.shape} differs from the pattern shape "
+                             f"{stack.pattern_shape}")
+        if not mask.any():
+            raise ValueError("signal mask hides every detector pixel")
+    xp = backend.array_module(config.device)
+
+    master = _resolve_master(phase, master_pattern, config)
+    timings["master_pattern"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    rows, readable = prepare_stack(stack, det, mask=mask, config=config,
+                                   background=background, xp=xp)
+    timings["preprocess"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    rotations = sample_orientations(master.phase, config.resolution)
+    timings["sampling"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dictionary = Dictionary(master, det, rotations.data.astype(np.float32), mask=mask)
+    result = match(rows, dictionary, config=MatchConfig(
+        keep=config.keep, memory_budget=config.memory_budget, progress=progress))
+    timings["match"] = time.perf_counter() - t
+    log.info("matched %d patterns against %d orientations in %.1f s",
+             len(readable), len(dictionary), timings["match"])
+
+    indices = backend.to_host(result.indices)
+    scores = backend.to_host(result.scores).astype(np.float32)
+    scores[~readable] = 0.0
+    ny, nx = stack.map_shape
+    step = step_size if step_size is not None else (stack.step_size or 1.0)
+    y, x = np.divmod(np.arange(ny * nx), nx)
+    phase_id = np.where(readable, 0, -1)
+    xmap = CrystalMap(
+        rotations=Rotation(dictionary.quaternions[indices].astype(np.float64)),
+        phase_id=phase_id,
+        x=x * step,
+        y=y * step,
+        phase_list=PhaseList(master.phase),
+        prop={"scores": scores, "simulation_indices": indices, "readable": readable},
+        scan_unit="um",
+    )
+    if config.refine:
+        log.info("orientation refinement is not available yet; reporting dictionary matches")
+    timings["total"] = time.perf_counter() - t0
+    return IndexResult(
+        xmap=xmap, scores=scores[:, 0].reshape(ny, nx), dictionary_size=len(dictionary),
+        refined=False, timings=timings, config=config, source=stack.source)

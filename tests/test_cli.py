@@ -1,0 +1,108 @@
+"""The command line: exit codes, one-line errors, and the files `dpm index` promises."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpm.cli import main
+from dpm.detector import Detector
+from dpm.io.emsoft import write_master_pattern
+from dpm.master import simulate_master_pattern
+from dpm.synthetic import SyntheticConfig, synthetic_map
+
+
+@pytest.fixture(scope="module")
+def master_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mp") / "li.h5"
+    write_master_pattern(simulate_master_pattern("li", kv=20, npx=60), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack_file(tmp_path_factory):
+    mp = simulate_master_pattern("li", kv=20, npx=60)
+    det = Detector(shape=(25, 25), pc=(0.5, 0.3, 0.6))
+    smap = synthetic_map(mp, det, SyntheticConfig(map_shape=(4, 5), seed=3))
+    path = tmp_path_factory.mktemp("stack") / "patterns.npy"
+    np.save(path, smap.patterns)
+    return path
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_index_writes_every_output(stack_file, master_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
+                 "--pc", "0.5", "0.3", "0.6", "--resolution", "10", "--no-refine", "--out", str(out)])
+    assert code == 0
+    for name in ("map.h5", "map.ang", "ipf_z.png", "scores.png", "summary.json", "config.toml"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["patterns"] == 20 and summary["refined"] is False
+    assert "resolution = 10.0" in (out / "config.toml").read_text()
+    from orix import io as orix_io
+    xmap = orix_io.load(out / "map.ang")
+    assert xmap.size == 20
+
+
+def test_config_file_and_cli_precedence(stack_file, master_file, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('resolution = 12.0\nkeep = 2\npc = [0.5, 0.3, 0.6]\n')
+    out = tmp_path / "out"
+    assert main(["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
+                 "--config", str(cfg), "--keep", "3", "--out", str(out)]) == 0
+    written = (out / "config.toml").read_text()
+    assert "resolution = 12.0" in written and "keep = 3" in written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["index", "missing.npy", "--out", "{out}"], "missing.npy does not exist"),
+    (["index", "{stack}", "--phase", "unobtainium", "--pc", "0.5", "0.3", "0.6", "--out", "{out}"],
+     "unobtainium"),
+    (["index", "{stack}", "--out", "{out}"], "no detector given"),
+    (["index", "{stack}", "--pc", "0.5", "0.3", "0.6", "--device", "gpu", "--out", "{out}"],
+     "no CUDA device"),
+])
+def test_bad_input_is_one_line_exit_2(args, message, stack_file, tmp_path, capsys):
+    args = [a.format(stack=stack_file, out=tmp_path / "o") for a in args]
+    assert main(args) == 2
+    assert message in _error_line(capsys)
+
+
+def test_unreadable_and_wrong_rank_files(tmp_path, capsys):
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    assert main(["index", str(tmp_path / "junk.h5"), "--out", str(tmp_path / "o")]) == 2
+    assert "junk.h5" in _error_line(capsys)
+    np.save(tmp_path / "flat.npy", np.zeros((10, 10)))
+    assert main(["index", str(tmp_path / "flat.npy"), "--out", str(tmp_path / "o")]) == 2
+    assert "shape (10, 10)" in _error_line(capsys)
+
+
+def test_nan_patterns_exit_2(stack_file, master_file, tmp_path, capsys):
+    data = np.load(stack_file).astype(np.float32)
+    data[1, 2, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", data)
+    code = main(["index", str(tmp_path / "nan.npy"), "--master-pattern", str(master_file),
+                 "--pc", "0.5", "0.3", "0.6", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "row 1, column 2" in _error_line(capsys)
+
+
+def test_simulate_writes_a_file_kikuchipy_loads(tmp_path):
+    import kikuchipy as kp
+    out = tmp_path / "li.h5"
+    assert main(["--quiet", "simulate", "--phase", "li", "--npx", "40", "--out", str(out)]) == 0
+    mp = kp.load(out, projection="lambert", hemisphere="both")
+    assert mp.data.shape[-2:] == (81, 81)
+
+
+def test_console_script_runs():
+    run = subprocess.run([sys.executable, "-m", "dpm.cli", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "index" in run.stdout

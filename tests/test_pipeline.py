@@ -1,0 +1,101 @@
+"""End-to-end indexing on synthetic maps whose truth is known."""
+
+import numpy as np
+import pytest
+
+from dpm.detector import Detector
+from dpm.master import simulate_master_pattern
+from dpm.pipeline import IndexConfig, index
+from dpm.sampling import sample_orientations
+from dpm.synthetic import SyntheticConfig, synthetic_map
+
+
+@pytest.fixture(scope="module")
+def li_master():
+    return simulate_master_pattern("li", kv=20, npx=80)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return Detector(shape=(30, 30), pc=(0.5, 0.3, 0.6), sample_tilt=70)
+
+
+@pytest.fixture(scope="module")
+def grid(li_master):
+    return sample_orientations(li_master.phase, 8.0).data
+
+
+@pytest.fixture(scope="module")
+def smap(li_master, detector, grid):
+    """Grains take orientations that are in the dictionary: indexing must find them exactly."""
+    rng = np.random.default_rng(5)
+    picks = rng.choice(len(grid), size=40, replace=False)
+    config = SyntheticConfig(map_shape=(8, 12), grain_width=3, pore_fraction=0.08, seed=11)
+    return synthetic_map(li_master, detector, config, grain_orientations=grid[picks])
+
+
+def _best_quaternions(result):
+    q = result.xmap.rotations.data
+    return q.reshape(result.scores.size, -1, 4)[:, 0]
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_index_recovers_dictionary_orientations(smap, li_master, detector, device, request):
+    if device == "gpu":
+        request.getfixturevalue("gpu_standin")
+    config = IndexConfig(resolution=8.0, keep=3, device=device)
+    result = index(smap.patterns, detector=detector, master_pattern=li_master, config=config)
+    diff = smap.diffracting.ravel()
+    found = _best_quaternions(result)
+    # same rotation up to the quaternion sign
+    dots = np.abs(np.sum(found * smap.quaternions, axis=1))
+    assert (dots[diff] > 1 - 1e-5).mean() == 1.0
+    # pores do not diffract: their best score stays far below the grains'
+    assert result.scores.ravel()[~diff].max() < 0.5 * np.median(result.scores.ravel()[diff])
+    assert result.xmap.prop["scores"].shape == (smap.quaternions.shape[0], 3)
+
+
+def test_index_reads_npy_and_keeps_row_major_order(smap, li_master, detector, tmp_path):
+    path = tmp_path / "stack.npy"
+    flat = smap.patterns.reshape(-1, 30, 30)
+    np.save(path, flat)  # (n, sy, sx) stack: a 1 x n map
+    result = index(path, detector=detector, master_pattern=li_master,
+                   config=IndexConfig(resolution=8.0, keep=1))
+    assert result.scores.shape == (1, flat.shape[0])
+    dots = np.abs(np.sum(_best_quaternions(result) * smap.quaternions, axis=1))
+    assert (dots[smap.diffracting.ravel()] > 1 - 1e-5).all()
+
+
+def test_inputs_are_not_mutated(smap, li_master, detector):
+    patterns = smap.patterns.copy()
+    index(patterns, detector=detector, master_pattern=li_master, config=IndexConfig(resolution=10.0))
+    assert np.array_equal(patterns, smap.patterns)
+
+
+def test_shape_mismatch_is_named(smap, li_master):
+    det = Detector(shape=(40, 40), pc=(0.5, 0.3, 0.6))
+    with pytest.raises(ValueError, match=r"pattern shape \(30, 30\) does not match the detector shape \(40, 40\)"):
+        index(smap.patterns, detector=det, master_pattern=li_master)
+
+
+def test_nan_pattern_is_named(smap, li_master, detector):
+    bad = smap.patterns.astype(np.float32)
+    bad[2, 3, 5, 5] = np.nan
+    with pytest.raises(ValueError, match=r"pattern 27 \(row 2, column 3\) holds NaN"):
+        index(bad, detector=detector, master_pattern=li_master, config=IndexConfig(resolution=10.0))
+
+
+def test_constant_patterns_are_flagged_not_indexed(smap, li_master, detector):
+    bad = smap.patterns.copy()
+    bad[0, :4] = 17
+    result = index(bad, detector=detector, master_pattern=li_master,
+                   config=IndexConfig(resolution=10.0, keep=1))
+    readable = np.asarray(result.xmap.prop["readable"])
+    assert not readable[:4].any() and readable[4:].all()
+    assert (result.scores.ravel()[:4] == 0).all()
+    assert (result.xmap.phase_id[:4] == -1).all()
+
+
+def test_all_constant_is_an_error(li_master, detector):
+    with pytest.raises(ValueError, match="every pattern is constant"):
+        index(np.full((3, 30, 30), 5, np.uint8), detector=detector, master_pattern=li_master)
