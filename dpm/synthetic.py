@@ -58,8 +58,8 @@ class SyntheticConfig:
     grain_width: float = 8.0
     boundary_tilt: float = 0.1
     pore_fraction: float = 0.03
-    counts: float = 100.0
-    contrast: float = 0.15
+    counts: float = 40.0
+    contrast: float = 0.08
     blur: float = 0.7
     background_width: float = 0.55
     seed: int = 0
