@@ -6,15 +6,15 @@ Measured in the same run, on all cores of this machine:
 
 * the float32 GEMM rate of NumPy's BLAS on a large square-ish product
   (4096 x 3600 @ 3600 x 4096), best of a few;
-* :func:`dpm.match.match` of 2400 patterns of 60 x 60 pixels against a full-size
-  2° cubic dictionary (100,347 x 3600 float32, 1.44 GB; random normalised rows,
-  which score like real ones for the purpose of timing), keeping the best 10.
+* :func:`dpm.match.match` of 2400 patterns of 60 x 60 pixels (a synthetic Li
+  map) against the full 2° Li dictionary (100,347 x 3600 float32, 1.44 GB,
+  projected from a kinematical master pattern), keeping the best 10.
 
 Matching does ``2 n m npix`` FLOPs of GEMM plus the top-k merge and the
 chunking; the figure of merit is the fraction of the GEMM rate it reaches
-(target >= 0.8). The bench ends with a loose correctness check: every pattern
-(a noisy copy of a known dictionary row) finds its row first, and a few rows
-equal brute force.
+(target >= 0.8). The bench ends with a loose correctness check: the map's
+grains take known dictionary orientations and are found, and a few rows equal
+brute force.
 """
 
 from __future__ import annotations
@@ -33,14 +33,6 @@ NPIX = 60 * 60
 KEEP = 10
 GEMM_SHAPE = (4096, 3600, 4096)  # (rows, inner, columns)
 RATES: dict[str, float] = {}
-
-
-def _normalise_rows(rows: np.ndarray) -> None:
-    """Make float32 rows zero-mean and unit-norm in place, 8192 rows at a time."""
-    for start in range(0, len(rows), 8192):
-        block = rows[start:start + 8192]
-        block -= block.mean(axis=1, keepdims=True)
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +58,39 @@ def _gemm_gflops(operands: tuple[np.ndarray, np.ndarray, np.ndarray], rounds: in
 
 @pytest.fixture(scope="module")
 def problem() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(patterns, dictionary, truth): noisy copies of known dictionary rows."""
+    """(patterns, dictionary, truth): the full 2° Li dictionary and a Li map drawn from it.
+
+    The dictionary is projected whole (1.44 GB) from a kinematical Li master
+    pattern; the patterns are a synthetic 60 x 40 columnar map (realistic noise,
+    background removed) whose grains take known dictionary orientations.
+    """
+    from dpm.detector import Detector
+    from dpm.dictionary import Dictionary
+    from dpm.master import simulate_master_pattern
+    from dpm.pipeline import IndexConfig, prepare_stack
+    from dpm.io.readers import as_pattern_stack
+    from dpm.sampling import sample_orientations
+    from dpm.synthetic import SyntheticConfig, synthetic_map
+
+    master = simulate_master_pattern("li", kv=20, npx=200)
+    det = Detector(shape=(60, 60), pc=(0.49, 0.27, 0.58))
+    grid = sample_orientations(master.phase, 2.0).data.astype(np.float32)
+    assert len(grid) == N_DICTIONARY
+    source = Dictionary(master, det, grid)
+    source.chunk(0, 8)  # numba cache load
+    start = time.perf_counter()
+    dictionary = source.chunk(0, N_DICTIONARY)
+    seconds = time.perf_counter() - start
+    print(f"\nLi dictionary {N_DICTIONARY} x 60x60 projected in {seconds:.1f} s: "
+          f"{N_DICTIONARY / seconds:,.0f} orientations/s ({os.cpu_count()} cores)")
     rng = np.random.default_rng(1)
-    dictionary = rng.standard_normal((N_DICTIONARY, NPIX), dtype=np.float32)
-    _normalise_rows(dictionary)
-    truth = rng.choice(N_DICTIONARY, N_PATTERNS, replace=False)
-    patterns = dictionary[truth] + rng.standard_normal((N_PATTERNS, NPIX), dtype=np.float32) / 60
-    _normalise_rows(patterns)
+    picks = rng.choice(N_DICTIONARY, 500, replace=False)
+    smap = synthetic_map(master, det, SyntheticConfig(map_shape=(40, 60), seed=1),
+                         grain_orientations=grid[picks])
+    patterns, _ = prepare_stack(as_pattern_stack(smap.patterns), det, mask=None,
+                                config=IndexConfig(), background=None, xp=np)
+    truth = picks[smap.grain_ids.ravel() % len(picks)]
+    truth[~smap.diffracting.ravel()] = -1
     match(patterns[:8], dictionary[:4096], config=MatchConfig(keep=KEEP))  # numba cache load
     return patterns, dictionary, truth
 
@@ -111,9 +129,10 @@ def test_bench_match(benchmark, problem, gemm_operands) -> None:
           f"{gflops:.1f} GFLOP/s = {fraction:.2f} of the GEMM rate {gemm:.1f} GFLOP/s "
           f"(best of {len(gemm_rates)} samples; {os.cpu_count()} cores)")
 
-    # Loose correctness: every pattern finds its source row first (NCC ~0.7 against
-    # ~0.07 for the best unrelated row), and four rows equal brute force.
-    np.testing.assert_array_equal(result.indices[:, 0], truth)
+    # Loose correctness: diffracting pixels find their grain's dictionary row
+    # first, and four rows equal brute force.
+    diffracting = truth >= 0
+    assert (result.indices[diffracting, 0] == truth[diffracting]).mean() > 0.95
     rows = [0, 1, N_PATTERNS // 2, N_PATTERNS - 1]
     scores = patterns[rows] @ dictionary.T
     expected = np.argsort(-scores, axis=1, kind="stable")[:, :KEEP]

@@ -327,6 +327,8 @@ def index(
     step = step_size if step_size is not None else (stack.step_size or 1.0)
     y, x = np.divmod(np.arange(ny * nx), nx)
     phase_id = np.where(readable, 0, -1)
+    if config.keep == 1:  # orix writers expect one rotation per point as 1-D
+        indices, scores = indices[:, 0], scores[:, 0]
     xmap = CrystalMap(
         rotations=Rotation(dictionary.quaternions[indices].astype(np.float64)),
         phase_id=phase_id,
@@ -340,5 +342,5 @@ def index(
         log.info("orientation refinement is not available yet; reporting dictionary matches")
     timings["total"] = time.perf_counter() - t0
     return IndexResult(
-        xmap=xmap, scores=scores[:, 0].reshape(ny, nx), dictionary_size=len(dictionary),
+        xmap=xmap, scores=scores.reshape(ny, nx, -1)[..., 0], dictionary_size=len(dictionary),
         refined=False, timings=timings, config=config, source=stack.source)

@@ -37,10 +37,12 @@ def _error_line(capsys):
     return err[0]
 
 
-def test_index_writes_every_output(stack_file, master_file, tmp_path, capsys):
+@pytest.mark.parametrize("keep", ["1", "10"])
+def test_index_writes_every_output(stack_file, master_file, tmp_path, keep):
     out = tmp_path / "out"
     code = main(["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
-                 "--pc", "0.5", "0.3", "0.6", "--resolution", "10", "--no-refine", "--out", str(out)])
+                 "--pc", "0.5", "0.3", "0.6", "--resolution", "10", "--no-refine", "--keep", keep,
+                 "--out", str(out)])
     assert code == 0
     for name in ("map.h5", "map.ang", "ipf_z.png", "scores.png", "summary.json", "config.toml"):
         assert (out / name).is_file(), name
@@ -48,8 +50,8 @@ def test_index_writes_every_output(stack_file, master_file, tmp_path, capsys):
     assert summary["patterns"] == 20 and summary["refined"] is False
     assert "resolution = 10.0" in (out / "config.toml").read_text()
     from orix import io as orix_io
-    xmap = orix_io.load(out / "map.ang")
-    assert xmap.size == 20
+    for name in ("map.ang", "map.h5"):
+        assert orix_io.load(out / name).size == 20
 
 
 def test_config_file_and_cli_precedence(stack_file, master_file, tmp_path):

@@ -99,3 +99,22 @@ def test_constant_patterns_are_flagged_not_indexed(smap, li_master, detector):
 def test_all_constant_is_an_error(li_master, detector):
     with pytest.raises(ValueError, match="every pattern is constant"):
         index(np.full((3, 30, 30), 5, np.uint8), detector=detector, master_pattern=li_master)
+
+
+@pytest.mark.slow
+def test_li_map_with_full_2deg_dictionary():
+    """Acceptance: a 60 x 40 Li map of 60 x 60 px noisy raw patterns, 2° dictionary."""
+    from dpm.demo import disorientation
+
+    master = simulate_master_pattern("li", kv=20, npx=200)
+    det = Detector(shape=(60, 60), pc=(0.49, 0.27, 0.58), sample_tilt=70)
+    smap = synthetic_map(master, det, SyntheticConfig(map_shape=(40, 60), seed=42))
+    result = index(smap.patterns, detector=det, master_pattern=master,
+                   config=IndexConfig(resolution=2.0, keep=1, memory_budget=2 * 1024**3))
+    assert result.dictionary_size == 100_347
+    diff = smap.diffracting.ravel()
+    angles = disorientation(_best_quaternions(result), smap.quaternions, master.phase.point_group)
+    assert (angles[diff] <= 2.0).mean() >= 0.99
+    scores = result.scores.ravel()
+    # every pore scores below the worst 1% of diffracting pixels
+    assert scores[~diff].max() < np.percentile(scores[diff], 1)

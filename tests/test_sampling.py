@@ -30,23 +30,30 @@ class TestSampleOrientations:
         assert grid_m3m.size == reference.size == 100_347  # DYNAMICAL.md §7, orix 0.15
         np.testing.assert_array_equal(grid_m3m.data, reference.data)
 
-    def test_every_random_orientation_within_resolution(self, grid_m3m: Rotation) -> None:
+    def test_random_orientations_lie_near_a_sample(self, grid_m3m: Rotation) -> None:
         # Nearest neighbour in quaternion space is exact: for unit quaternions
         # |q - p|^2 = 2 - 2 q.p, so the Euclidean-nearest of {±p} to a symmetry
         # equivalent s q is the sample of smallest rotation angle to s q, and
         # taking the best of the 24 proper equivalents gives the disorientation.
+        #
+        # orix's 2° cubochoric grid does not put *every* orientation within 2°:
+        # its covering radius is about 2.33° (the full, unreduced grid's is
+        # 2.13°), and 0.04% of 50 000 random orientations lie beyond 2°. The
+        # test pins those measured properties of the grid dpm uses.
         samples = grid_m3m.data
         tree = cKDTree(np.concatenate([samples, -samples]))
-        random = Orientation.random(300, symmetry=Oh)
+        q = np.random.default_rng(0).normal(size=(20_000, 4))
+        random = Orientation(q / np.linalg.norm(q, axis=1, keepdims=True), symmetry=Oh)
         proper = Oh.proper_subgroup
-        equivalents = (proper.outer(Rotation(random.data))).data  # (24, 300, 4)
+        equivalents = (proper.outer(Rotation(random.data))).data  # (24, n, 4)
         distance, neighbour = tree.query(equivalents.reshape(-1, 4))
         distance = distance.reshape(proper.size, random.size)
         neighbour = neighbour.reshape(proper.size, random.size)
         best = neighbour[np.argmin(distance, axis=0), np.arange(random.size)]
         nearest = Orientation(samples[best % len(samples)], symmetry=Oh)
         angles = random.angle_with(nearest, degrees=True)
-        assert angles.max() <= RESOLUTION
+        assert (angles <= RESOLUTION).mean() >= 0.999
+        assert angles.max() <= 2.4
         # The chordal distance agrees with orix's disorientation angle.
         chord_angles = np.rad2deg(4 * np.arcsin(distance.min(axis=0) / 2))
         np.testing.assert_allclose(chord_angles, angles, atol=1e-4)
