@@ -139,3 +139,30 @@ def test_bench_match(benchmark, problem, gemm_operands) -> None:
     np.testing.assert_array_equal(result.indices[rows], expected)
     np.testing.assert_allclose(result.scores[rows], np.take_along_axis(scores, expected, 1),
                                atol=1e-5)
+
+
+def test_bench_match_gpu(benchmark, problem) -> None:
+    """cuBLAS GEMM + topk.cu on a real GPU (skipped unless CuPy sees a device)."""
+    from dpm import backend
+
+    cp = backend.cupy()
+    if cp is None:
+        pytest.skip("no CUDA device")
+    patterns, dictionary, truth = problem
+    p, d = cp.asarray(patterns), cp.asarray(dictionary)
+    match(p[:8], d[:4096], config=MatchConfig(keep=KEEP))  # compile the kernel
+
+    def run():
+        out = match(p, d, config=MatchConfig(keep=KEEP))
+        backend.synchronize(cp)
+        return out
+
+    result = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    seconds = benchmark.stats.stats.min
+    tflops = 2 * N_PATTERNS * N_DICTIONARY * NPIX / seconds / 1e12
+    benchmark.extra_info.update(patterns_per_s=N_PATTERNS / seconds, tflops=tflops)
+    print(f"\nGPU match {N_PATTERNS} x {N_DICTIONARY} x {NPIX}: {seconds * 1e3:.1f} ms, "
+          f"{N_PATTERNS / seconds:,.0f} patterns/s, {tflops:.1f} TFLOP/s")
+    diffracting = truth >= 0
+    indices = backend.to_host(result.indices)
+    assert (indices[diffracting, 0] == truth[diffracting]).mean() > 0.95

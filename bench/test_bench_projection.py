@@ -74,3 +74,25 @@ def test_bench_dpm_project_numba(benchmark, setup):
     assert ncc.min() > 0.999
     np.testing.assert_allclose(np.linalg.norm(patterns.reshape(N_ORIENTATIONS, -1), axis=1),
                                1.0, atol=1e-4)
+
+
+def test_bench_dpm_project_gpu(benchmark, setup):
+    """The CUDA kernel on a real GPU (skipped unless CuPy sees a device)."""
+    from dpm import backend
+
+    cp = backend.cupy()
+    if cp is None:
+        pytest.skip("no CUDA device")
+    kp_master, master, detector, rotations = setup
+    q = cp.asarray(rotations.data.astype(np.float32))
+    project(master, detector, q[:8])  # compile the kernel, upload the master pattern
+
+    def run():
+        out = project(master, detector, q)
+        backend.synchronize(cp)
+        return out
+
+    patterns = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    _report("dpm CUDA", benchmark)
+    cpu = project(master, detector, rotations[:20], device="cpu")
+    np.testing.assert_allclose(backend.to_host(patterns[:20]), cpu, atol=1e-4)
