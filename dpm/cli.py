@@ -140,10 +140,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _run_simulate(args: argparse.Namespace) -> int:
     from dpm.io.emsoft import write_master_pattern
-    from dpm.master import simulate_master_pattern
+    from dpm.master.cache import cached_master_pattern
 
     t = time.perf_counter()
-    mp = simulate_master_pattern(args.phase, kv=args.kv, npx=args.npx, method=args.method)
+    mp = cached_master_pattern(args.phase, kv=args.kv, npx=args.npx, method=args.method)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise UsageError(f"output folder {out.parent} does not exist")

@@ -50,12 +50,12 @@ def disorientation(q1: np.ndarray, q2: np.ndarray, point_group) -> np.ndarray:
 def run_demo(out: str | Path = "dpm-demo", device: str | None = None, progress: bool = True) -> str:
     """Index the bundled Li map, write the results into ``out`` and return a report."""
     from dpm.io.writers import write_index_outputs
-    from dpm.master import simulate_master_pattern
+    from dpm.master.cache import cached_master_pattern
     from dpm.pipeline import IndexConfig, index
     from dpm.synthetic import load_synthetic_map
 
     smap = load_synthetic_map(demo_path())
-    master = simulate_master_pattern("li", kv=DEMO_KV, npx=DEMO_NPX)
+    master = cached_master_pattern("li", kv=DEMO_KV, npx=DEMO_NPX)
     config = IndexConfig(kv=DEMO_KV, npx=DEMO_NPX)
     if device is not None:
         config = replace(config, device=device)

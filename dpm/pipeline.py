@@ -135,7 +135,8 @@ class IndexResult:
 
 
 def _resolve_master(phase: Any, master_pattern: Any, config: IndexConfig):
-    from dpm.master import MasterPattern, simulate_master_pattern
+    from dpm.master import MasterPattern
+    from dpm.master.cache import cached_master_pattern
 
     if isinstance(master_pattern, MasterPattern):
         return master_pattern
@@ -143,7 +144,7 @@ def _resolve_master(phase: Any, master_pattern: Any, config: IndexConfig):
         from dpm.io.emsoft import read_master_pattern
 
         return read_master_pattern(master_pattern, energy=config.kv)
-    return simulate_master_pattern(phase, kv=config.kv, npx=config.npx, method=config.method)
+    return cached_master_pattern(phase, kv=config.kv, npx=config.npx, method=config.method)
 
 
 def _chunks(data: Any, size: int):

@@ -7,6 +7,8 @@
 * ``host_kernels`` — ``host_kernels("topk")`` compiles ``kernels/topk.cu`` for
   the host and returns its ``hostcuda.HostModule``.
 * ``requires_nvcc`` — skip marker for tests that need ``nvcc``.
+* ``master_pattern_cache`` — every test run caches master patterns in its own
+  temporary folder.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ import hostcuda
 from dpm import backend
 
 requires_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def master_pattern_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep simulated master patterns of the test run out of the user's cache folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DPM_CACHE_DIR", str(tmp_path_factory.mktemp("dpm-cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture
