@@ -154,9 +154,22 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from dpm.io.readers import read_patterns
+    from dpm.io.emsoft import read_master_pattern
+    from dpm.io.readers import PatternFileError, read_patterns
 
-    stack = read_patterns(args.file)
+    try:
+        stack = read_patterns(args.file)
+    except PatternFileError as pattern_error:
+        try:
+            mp = read_master_pattern(args.file)
+        except ValueError:
+            raise pattern_error from None
+        print(f"file:           {args.file} (master pattern)")
+        print(f"phase:          {mp.phase.name}, space group {mp.phase.space_group.number}, "
+              f"a = {mp.phase.structure.lattice.a:.4f} A")
+        print(f"energy:         {mp.energy} keV; method {mp.method}")
+        print(f"Lambert grid:   npx {mp.npx} ({2 * mp.npx + 1}^2 per hemisphere)")
+        return EXIT_OK
     print(f"file:          {stack.source}")
     print(f"map shape:     {stack.map_shape} (ny, nx)")
     print(f"pattern shape: {stack.pattern_shape} (sy, sx), dtype {stack.data.dtype}")

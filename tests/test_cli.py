@@ -108,3 +108,11 @@ def test_simulate_writes_a_file_kikuchipy_loads(tmp_path):
 def test_console_script_runs():
     run = subprocess.run([sys.executable, "-m", "dpm.cli", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "index" in run.stdout
+
+
+def test_info_on_patterns_and_master_pattern(stack_file, master_file, capsys):
+    assert main(["info", str(stack_file)]) == 0
+    assert "(4, 5) (ny, nx)" in capsys.readouterr().out
+    assert main(["info", str(master_file)]) == 0
+    out = capsys.readouterr().out
+    assert "master pattern" in out and "npx 60" in out and "20.0 keV" in out
