@@ -54,6 +54,10 @@ __all__ = [
     "unit_cell_atoms",
 ]
 
+#: Elements beyond the scattering tables (Z = 99-118), recognised only to name them in errors.
+_SYMBOLS_UNTABULATED = ("Es", "Fm", "Md", "No", "Lr", "Rf", "Db", "Sg", "Bh", "Hs", "Mt", "Ds",
+                        "Rg", "Cn", "Nh", "Fl", "Mc", "Lv", "Ts", "Og")
+
 _WK_A = np.asarray(WK_A, dtype=np.float64)
 _WK_B = np.asarray(WK_B, dtype=np.float64)
 
@@ -148,7 +152,8 @@ def atomic_number(symbol: str | int) -> int:
     Raises
     ------
     ValueError
-        If the symbol is not an element with Z = 1–98.
+        If the symbol is not an element, or is one beyond the scattering
+        tables (Z > 98, e.g. ``"Es"``; the message says so).
     """
     text = str(symbol).strip()
     if text.isdigit():
@@ -156,9 +161,13 @@ def atomic_number(symbol: str | int) -> int:
     else:
         match = re.match(r"[A-Za-z]{1,2}", text)
         cand = match.group(0).capitalize() if match else ""
-        if cand not in SYMBOLS and cand[:1] in SYMBOLS:
+        known = SYMBOLS + _SYMBOLS_UNTABULATED
+        if cand not in known and cand[:1] in known:
             cand = cand[:1]  # "Cl" vs "C": take the two-letter symbol only when it exists
-        z = SYMBOLS.index(cand) + 1 if cand in SYMBOLS else 0
+        z = known.index(cand) + 1 if cand in known else 0
+    if len(SYMBOLS) < z <= len(SYMBOLS) + len(_SYMBOLS_UNTABULATED):
+        raise ValueError(f"element {symbol!r} (Z = {z}) has no Weickenmeier-Kohl scattering "
+                         f"parameters; dpm tabulates Z = 1-{len(SYMBOLS)} (H-{SYMBOLS[-1]})")
     if not 1 <= z <= len(SYMBOLS):
         raise ValueError(f"element {symbol!r} is not an element with Z = 1-{len(SYMBOLS)}")
     return z
