@@ -124,9 +124,11 @@ def simulate_master_pattern(
     npx
         Half-width of the Lambert grid (side ``2 npx + 1``).
     method
-        ``"kinematical"`` (band intensities from |F|²).
+        ``"kinematical"`` (band intensities from |F|²) or ``"dynamical"``
+        (Bloch waves with Bethe potentials and absorption, EMsoft's model).
     **options
-        Passed to the method's config (see :mod:`dpm.master.kinematical`).
+        Passed to the method's config (:class:`dpm.master.kinematical.KinematicalConfig`
+        or :class:`dpm.master.dynamical.DynamicalConfig`).
     """
     from dpm.crystal import get_phase
 
@@ -135,4 +137,9 @@ def simulate_master_pattern(
         from dpm.master.kinematical import KinematicalConfig, kinematical_master_pattern
 
         return kinematical_master_pattern(ph, kv=kv, npx=npx, config=KinematicalConfig(**options))
-    raise ValueError(f"unknown master-pattern method {method!r}; available: 'kinematical'")
+    if method == "dynamical":
+        from dpm.master.dynamical import DynamicalConfig, dynamical_master_pattern
+
+        return dynamical_master_pattern(ph, kv=kv, npx=npx, config=DynamicalConfig(**options))
+    raise ValueError(f"unknown master-pattern method {method!r}; available: 'kinematical', "
+                     "'dynamical'")
