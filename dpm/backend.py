@@ -40,6 +40,7 @@ CUPY_SUBSET: tuple[str, ...] = (
     "swapaxes", "take_along_axis", "zeros_like",
     "linalg.eigh", "linalg.eig", "linalg.inv",
     "isfinite",
+    "cos", "floor", "log", "log1p", "maximum", "sign", "sin", "sqrt",
     "where",
     "float32",
     "int32",

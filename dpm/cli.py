@@ -38,7 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--phase", required=True, help="li, na, al, cu or a CIF file")
     s.add_argument("--kv", type=float, default=20.0, help="beam energy in kV (default 20)")
     s.add_argument("--npx", type=int, default=500, help="Lambert half-width in pixels (default 500)")
-    s.add_argument("--method", default="kinematical", choices=("kinematical",))
+    s.add_argument("--method", default="dynamical", choices=("dynamical", "kinematical"),
+                   help="Bloch-wave dynamical (default) or kinematical")
+    s.add_argument("--energy-window", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="dynamical only: weight master patterns over this BSE energy window "
+                        "(keV) by a Monte Carlo of backscattered electrons")
     s.add_argument("--out", required=True, help="output .h5 file")
 
     i = sub.add_parser("index", help="index a pattern stack")
@@ -57,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--device", choices=("auto", "cpu", "gpu"), help="default auto")
     i.add_argument("--memory-budget", help="bytes for matching, e.g. 4GB (default half the free memory)")
     i.add_argument("--kv", type=float, help="beam energy for a simulated master pattern (default 20)")
-    i.add_argument("--npx", type=int, help="Lambert half-width of a simulated master pattern (default 500)")
-    i.add_argument("--method", choices=("kinematical",), help="master-pattern simulation method")
+    i.add_argument("--npx", type=int, help="Lambert half-width of a simulated master pattern (default 250)")
+    i.add_argument("--method", choices=("dynamical", "kinematical"),
+                   help="master-pattern simulation method (default dynamical)")
     i.add_argument("--keep", type=int, help="best matches kept per pattern (default 10)")
 
     f = sub.add_parser("info", help="what dpm sees in a pattern or master-pattern file")
@@ -143,7 +148,12 @@ def _run_simulate(args: argparse.Namespace) -> int:
     from dpm.master.cache import cached_master_pattern
 
     t = time.perf_counter()
-    mp = cached_master_pattern(args.phase, kv=args.kv, npx=args.npx, method=args.method)
+    options = {}
+    if args.energy_window:
+        if args.method != "dynamical":
+            raise UsageError("--energy-window needs --method dynamical")
+        options["energy_window"] = tuple(args.energy_window)
+    mp = cached_master_pattern(args.phase, kv=args.kv, npx=args.npx, method=args.method, **options)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise UsageError(f"output folder {out.parent} does not exist")

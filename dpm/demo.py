@@ -2,8 +2,9 @@
 
 The bundled map (``dpm/data/li_demo.npz``, made by :func:`make_demo_data` with
 dpm's own simulator) holds raw 60 × 60 px patterns of a 20 × 30 columnar Li map
-with Poisson noise, background, blur and non-diffracting pores. The demo
-simulates the Li master pattern, indexes the map against a 2° dictionary,
+with Poisson noise, background, blur and non-diffracting pores, projected from
+dpm's dynamical (Bloch-wave) Li master pattern. The demo simulates that master
+pattern (or takes it from the cache), indexes the map against a 2° dictionary,
 writes the outputs of ``dpm index`` and reports the accuracy against the truth.
 """
 
@@ -17,7 +18,8 @@ import numpy as np
 
 #: Master-pattern settings of the bundled map (the demo simulates the same).
 DEMO_KV = 20.0
-DEMO_NPX = 200
+DEMO_NPX = 250
+DEMO_METHOD = "dynamical"
 DEMO_FILE = "li_demo.npz"
 
 
@@ -32,7 +34,7 @@ def make_demo_data(path: str | Path) -> None:
     from dpm.master import simulate_master_pattern
     from dpm.synthetic import SyntheticConfig, save_synthetic_map, synthetic_map
 
-    master = simulate_master_pattern("li", kv=DEMO_KV, npx=DEMO_NPX)
+    master = simulate_master_pattern("li", kv=DEMO_KV, npx=DEMO_NPX, method=DEMO_METHOD)
     det = Detector(shape=(60, 60), pc=(0.49, 0.27, 0.58), sample_tilt=70.0)
     config = SyntheticConfig(map_shape=(20, 30), grain_width=6.0, seed=2024)
     save_synthetic_map(synthetic_map(master, det, config), path)
@@ -55,8 +57,8 @@ def run_demo(out: str | Path = "dpm-demo", device: str | None = None, progress: 
     from dpm.synthetic import load_synthetic_map
 
     smap = load_synthetic_map(demo_path())
-    master = cached_master_pattern("li", kv=DEMO_KV, npx=DEMO_NPX)
-    config = IndexConfig(kv=DEMO_KV, npx=DEMO_NPX)
+    master = cached_master_pattern("li", kv=DEMO_KV, npx=DEMO_NPX, method=DEMO_METHOD)
+    config = IndexConfig(kv=DEMO_KV, npx=DEMO_NPX, method=DEMO_METHOD)
     if device is not None:
         config = replace(config, device=device)
     result = index(smap.patterns, detector=smap.detector, master_pattern=master,

@@ -42,11 +42,20 @@ class IndexConfig:
     npx
         Half-width of a simulated master pattern's Lambert grid.
     method
-        Master-pattern simulation method when none is given.
+        Master-pattern simulation method when none is given: ``"dynamical"``
+        (Bloch waves; Li and Na at 20 and 10 kV with ``npx = 250`` come
+        shipped, anything else is simulated once and cached) or ``"kinematical"``.
     resolution
         Orientation sampling of the dictionary in degrees.
     keep
         Best matches kept per pattern.
+    pixel_integration
+        Low-pass the master pattern before projecting the dictionary
+        (:func:`dpm.projection.integrate_pixels`) to the detector's pixel size
+        and to the orientation spread of a grid cell (σ = resolution / 2, the
+        angular standard deviation of a cell), so dictionary patterns
+        approximate what binned camera pixels record and stay representative
+        across their cell.
     refine
         Refine orientations after matching (the refinement stage is not built
         yet: the result records ``refined = False``).
@@ -61,10 +70,11 @@ class IndexConfig:
     """
 
     kv: float = 20.0
-    npx: int = 500
-    method: str = "kinematical"
+    npx: int = 250
+    method: str = "dynamical"
     resolution: float = 2.0
     keep: int = 10
+    pixel_integration: bool = True
     refine: bool = True
     device: str = "auto"
     memory_budget: int | None = None
@@ -137,6 +147,7 @@ class IndexResult:
 def _resolve_master(phase: Any, master_pattern: Any, config: IndexConfig):
     from dpm.master import MasterPattern
     from dpm.master.cache import cached_master_pattern
+    from dpm.master.shipped import SHIPPED_NPX, shipped_master_pattern
 
     if isinstance(master_pattern, MasterPattern):
         return master_pattern
@@ -144,6 +155,11 @@ def _resolve_master(phase: Any, master_pattern: Any, config: IndexConfig):
         from dpm.io.emsoft import read_master_pattern
 
         return read_master_pattern(master_pattern, energy=config.kv)
+    if isinstance(phase, str) and config.method == "dynamical" and config.npx == SHIPPED_NPX:
+        shipped = shipped_master_pattern(phase, config.kv)
+        if shipped is not None:
+            log.info("using the shipped dynamical %s master pattern at %g kV", phase, config.kv)
+            return shipped
     return cached_master_pattern(phase, kv=config.kv, npx=config.npx, method=config.method)
 
 
@@ -277,6 +293,7 @@ def index(
     from dpm.dictionary import Dictionary
     from dpm.io.readers import as_pattern_stack, read_patterns
     from dpm.match import MatchConfig, match
+    from dpm.projection import integrate_pixels
     from dpm.sampling import sample_orientations
 
     config = config or IndexConfig()
@@ -314,6 +331,8 @@ def index(
     timings["sampling"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if config.pixel_integration:
+        master = integrate_pixels(master, det, orientation_spread=config.resolution / 2)
     dictionary = Dictionary(master, det, rotations.data.astype(np.float32), mask=mask)
     result = match(rows, dictionary, config=MatchConfig(
         keep=config.keep, memory_budget=config.memory_budget, progress=progress))

@@ -13,7 +13,7 @@ Map frame: x (columns) runs along the interface, y (rows) across the film.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,10 @@ class SyntheticConfig:
         Gaussian blur of each pattern, σ in detector pixels (0 = none).
     background_width
         σ of the Gaussian background hump as a fraction of the detector width.
+    supersample
+        Each pattern pixel is the mean of ``supersample²`` projected sub-pixels,
+        as a binned camera pixel integrates the intensity over its area (1 =
+        point sampling).
     seed
         Random seed; the same seed gives the same map.
     """
@@ -62,6 +66,7 @@ class SyntheticConfig:
     contrast: float = 0.08
     blur: float = 0.7
     background_width: float = 0.55
+    supersample: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +75,8 @@ class SyntheticConfig:
             raise ValueError(f"map_shape must be two positive sizes, got {self.map_shape}")
         if not 0 <= self.pore_fraction < 1:
             raise ValueError(f"pore_fraction must be in [0, 1), got {self.pore_fraction}")
+        if self.supersample < 1:
+            raise ValueError(f"supersample must be at least 1, got {self.supersample}")
         if self.counts <= 0 or self.contrast < 0 or self.grain_width <= 0:
             raise ValueError("counts and grain_width must be positive and contrast non-negative")
 
@@ -166,6 +173,33 @@ def background(shape: tuple[int, int], pc: tuple[float, float, float], width: fl
     return (0.25 + 0.75 * np.exp(-d2 / (2 * (width * sx) ** 2))).astype(np.float32)
 
 
+def camera_patterns(master: MasterPattern, detector: Detector, quaternions: np.ndarray,
+                    supersample: int = 4) -> np.ndarray:
+    """Kikuchi patterns as a binned camera records them: pixel means of a finer projection.
+
+    Parameters
+    ----------
+    master, detector
+        What to project and onto which detector.
+    quaternions : (n, 4) array
+        Orientations.
+    supersample
+        Sub-pixels per pattern pixel along each axis.
+
+    Returns
+    -------
+    patterns : (n, sy, sx) float32 array
+    """
+    sy, sx = detector.shape
+    fine = replace(detector, shape=(sy * supersample, sx * supersample))
+    out = np.empty((len(quaternions), sy, sx), dtype=np.float32)
+    for start in range(0, len(quaternions), 512):  # bounded scratch memory
+        q = quaternions[start:start + 512]
+        sub = project(master, fine, q).reshape(len(q), sy, supersample, sx, supersample)
+        out[start:start + len(q)] = sub.mean(axis=(2, 4))
+    return out
+
+
 def synthetic_map(
     master: MasterPattern,
     detector: Detector,
@@ -205,9 +239,9 @@ def synthetic_map(
     quaternions = grain_q[grain_ids.ravel()]
     diffracting = pores(config, rng)
 
-    kikuchi = project(master, detector, quaternions)  # (n, sy, sx), unit-norm rows
-    npix = kikuchi.shape[1] * kikuchi.shape[2]
-    kikuchi *= np.sqrt(npix)  # unit standard deviation
+    kikuchi = camera_patterns(master, detector, quaternions, config.supersample)
+    kikuchi -= kikuchi.mean(axis=(1, 2), keepdims=True)
+    kikuchi /= np.maximum(kikuchi.std(axis=(1, 2), keepdims=True), 1e-12)  # unit std
     kikuchi[~diffracting.ravel()] = 0.0
     bg = background(detector.shape, detector.pc, config.background_width)
     intensity = config.counts * bg[None] * np.clip(1.0 + config.contrast * kikuchi, 0.0, None)

@@ -17,13 +17,13 @@ from dpm.synthetic import SyntheticConfig, synthetic_map
 @pytest.fixture(scope="module")
 def master_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("mp") / "li.h5"
-    write_master_pattern(simulate_master_pattern("li", kv=20, npx=60), path)
+    write_master_pattern(simulate_master_pattern("li", kv=20, npx=60, method="kinematical"), path)
     return path
 
 
 @pytest.fixture(scope="module")
 def stack_file(tmp_path_factory):
-    mp = simulate_master_pattern("li", kv=20, npx=60)
+    mp = simulate_master_pattern("li", kv=20, npx=60, method="kinematical")
     det = Detector(shape=(25, 25), pc=(0.5, 0.3, 0.6))
     smap = synthetic_map(mp, det, SyntheticConfig(map_shape=(4, 5), seed=3))
     path = tmp_path_factory.mktemp("stack") / "patterns.npy"
@@ -116,3 +116,24 @@ def test_info_on_patterns_and_master_pattern(stack_file, master_file, capsys):
     assert main(["info", str(master_file)]) == 0
     out = capsys.readouterr().out
     assert "master pattern" in out and "npx 60" in out and "20.0 keV" in out
+
+
+def test_simulate_dynamical_with_energy_window(tmp_path):
+    from dpm.io.emsoft import read_master_pattern
+
+    out = tmp_path / "li-window.h5"
+    assert main(["--quiet", "simulate", "--phase", "li", "--npx", "12", "--method", "dynamical",
+                 "--energy-window", "19", "20", "--out", str(out)]) == 0
+    mp = read_master_pattern(out)
+    assert mp.method == "dynamical" and tuple(mp.params["energy_window_keV"]) == (19.0, 20.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["simulate", "--phase", "li", "--kv", "0", "--npx", "12", "--out", "{out}"], "voltage must be positive"),
+    (["simulate", "--phase", "li", "--npx", "3", "--out", "{out}"], "npx"),
+    (["simulate", "--phase", "li", "--npx", "12", "--method", "kinematical",
+      "--energy-window", "19", "20", "--out", "{out}"], "--energy-window needs"),
+])
+def test_simulate_bad_input(args, message, tmp_path, capsys):
+    assert main([a.format(out=tmp_path / "x.h5") for a in args]) == 2
+    assert message in _error_line(capsys)

@@ -12,7 +12,7 @@ from dpm.synthetic import (SyntheticConfig, background, columnar_grains, load_sy
 
 @pytest.fixture(scope="module")
 def li_master():
-    return simulate_master_pattern("li", kv=20, npx=60)
+    return simulate_master_pattern("li", kv=20, npx=60, method="kinematical")
 
 
 @pytest.fixture(scope="module")

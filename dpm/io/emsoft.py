@@ -169,6 +169,9 @@ def _write_group(group: h5py.Group, content: dict[str, Any]) -> None:
             _write_group(group.require_group(key), value)
         elif isinstance(value, str):
             group.create_dataset(key, data=_bytes(value))
+        elif isinstance(value, np.ndarray) and value.size >= 4096:  # pattern arrays
+            group.create_dataset(key, data=value, compression="gzip", compression_opts=4,
+                                 shuffle=True)
         elif isinstance(value, np.ndarray):
             group.create_dataset(key, data=value)
         elif isinstance(value, bool | np.bool_):

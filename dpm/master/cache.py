@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dpm")
 
 #: Bumped whenever a simulation's physics changes, so old cache entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -62,7 +62,7 @@ def cached_master_pattern(
     phase: str | Phase,
     kv: float = 20.0,
     npx: int = 500,
-    method: str = "kinematical",
+    method: str = "dynamical",
     **options: Any,
 ) -> MasterPattern:
     """:func:`dpm.master.simulate_master_pattern`, reusing an earlier result from the cache.

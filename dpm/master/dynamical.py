@@ -97,6 +97,7 @@ import numpy as np
 from scipy import constants
 
 from dpm.master import MasterPattern
+from dpm.master.montecarlo import MonteCarloConfig
 
 if TYPE_CHECKING:
     from orix.crystal_map import Phase
@@ -182,6 +183,23 @@ class DynamicalConfig:
         ``batch_size × n_reflections`` excitation-error table (float64).
     device
         ``"auto"``, ``"cpu"`` or ``"gpu"`` (None reads ``DPM_DEVICE``).
+    energy_window
+        ``(low, high)`` in keV, ``0 < low <= high <= kv``. When given, the
+        master pattern is EMsoft's energy-weighted one (DYNAMICAL.md §1.7): a
+        Monte Carlo run (:func:`dpm.master.montecarlo.backscatter_histograms`
+        with *montecarlo*) bins the backscattered electrons by exit energy and
+        escape depth; for every energy bin whose centre lies in the window,
+        the pattern is computed at the bin's energy with the bin's escape-depth
+        histogram as *depth_weights* (cut at EMsoft's ``z0``, the depth that
+        holds 99 % of the electrons of every coarse exit direction, taken over
+        the bins of the window), and the patterns are summed with weights
+        proportional to the bin's number of electrons. *depth_weights*,
+        *depth_step*, *mean_depth* and *max_depth* are then ignored.
+    montecarlo
+        Monte Carlo settings for *energy_window* (None: ``MonteCarloConfig()``).
+        Its ``e_min``, when None, is set so that the bins are centred on
+        ``kv, kv - e_bin, …`` down to one bin below the window (every bin of the
+        window then has its full width).
     """
 
     dmin: float = 0.05
@@ -196,6 +214,8 @@ class DynamicalConfig:
     solver: Literal["hermitian", "general"] = "hermitian"
     batch_size: int = 4096
     device: str | None = None
+    energy_window: tuple[float, float] | None = None
+    montecarlo: MonteCarloConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.dmin > 0:
@@ -224,6 +244,19 @@ class DynamicalConfig:
             raise ValueError(f"solver must be 'hermitian' or 'general', got {self.solver!r}")
         if isinstance(self.batch_size, bool) or int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.energy_window is not None:
+            try:
+                lo, hi = (float(e) for e in self.energy_window)
+            except (TypeError, ValueError):
+                raise ValueError("energy_window must be a pair (low, high) of energies in keV, "
+                                 f"got {self.energy_window!r}") from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+                raise ValueError(f"energy_window must satisfy 0 < low <= high (keV), got "
+                                 f"{self.energy_window!r}")
+            object.__setattr__(self, "energy_window", (lo, hi))
+        if self.montecarlo is not None and not isinstance(self.montecarlo, MonteCarloConfig):
+            raise TypeError(f"montecarlo must be a MonteCarloConfig or None, got "
+                            f"{type(self.montecarlo).__name__}")
 
 
 # --------------------------------------------------------------------------- crystal tables
@@ -654,6 +687,8 @@ def dynamical_master_pattern(
     if not isinstance(config, DynamicalConfig):
         raise TypeError(f"config must be a DynamicalConfig, got {type(config).__name__}")
     npx = int(npx)
+    if config.energy_window is not None:
+        return _energy_weighted_master_pattern(phase, float(kv), npx, config)
     xp = backend.array_module(config.device)
     t0 = time.perf_counter()
     tables = _build_tables(phase, float(kv), float(config.dmin))
@@ -701,3 +736,87 @@ def dynamical_master_pattern(
     }
     return MasterPattern(full[0], full[1], phase=phase, energy=float(kv), method="dynamical",
                          params=params)
+
+
+def _energy_weighted_master_pattern(
+    phase: Phase, kv: float, npx: int, config: DynamicalConfig
+) -> MasterPattern:
+    """Sum of single-energy master patterns over the Monte Carlo energy bins of a window."""
+    from dataclasses import asdict, replace
+
+    from dpm.master.montecarlo import backscatter_histograms
+
+    lo, hi = config.energy_window  # type: ignore[misc]
+    if hi > kv * (1 + 1e-12):
+        raise ValueError(f"energy_window {config.energy_window} must lie inside (0, kv] = "
+                         f"(0, {kv:g}] keV")
+    mc = config.montecarlo if config.montecarlo is not None else MonteCarloConfig()
+    if mc.e_min is None:
+        # bin centres kv, kv - e_bin, … down to one bin below the window, so every bin of
+        # the window has its full width (EMsoft's lowest bin holds only (e_min, e_min + e_bin/2])
+        k = math.floor((kv - lo) / mc.e_bin + 1e-9)
+        e_min = kv - mc.e_bin * (k + 1)
+        if e_min <= 0:
+            e_min = kv - mc.e_bin * k
+        if not 0 < e_min < kv:
+            raise ValueError(f"energy_window {config.energy_window} keV: montecarlo.e_bin "
+                             f"({mc.e_bin:g} keV) is too wide for kv = {kv:g} keV; set e_bin "
+                             "or e_min")
+        mc = replace(mc, e_min=e_min)
+    t0 = time.perf_counter()
+    hist = backscatter_histograms(phase, kv, mc)
+    tol = 1e-9 * max(kv, 1.0)
+    counts = hist.energy_histogram
+    in_window = np.flatnonzero((hist.energies >= lo - tol) & (hist.energies <= hi + tol))
+    if not len(in_window):
+        raise ValueError(f"no Monte Carlo energy bin is centred inside energy_window "
+                         f"{config.energy_window} keV (bins: {hist.energies[0]:g} … "
+                         f"{hist.energies[-1]:g} keV by {mc.e_bin:g}); widen the window or "
+                         "change montecarlo.e_min / e_bin")
+    depth = hist.depth_histogram
+    used = [int(i) for i in in_window if depth[i].sum() > 0]
+    if not used:
+        raise ValueError(f"no backscattered electron with an escape depth below "
+                         f"{mc.depth_max:g} nm in energy_window {config.energy_window} keV "
+                         f"out of {mc.n_electrons} incident: raise montecarlo.n_electrons or "
+                         "depth_max")
+    izz = hist.depth_cutoff(used)
+    weights = counts[used].astype(np.float64)
+    weights /= weights.sum()
+    north = np.zeros((2 * npx + 1,) * 2)
+    south = np.zeros_like(north)
+    last: MasterPattern | None = None
+    for i, w in zip(used, weights):
+        sub = replace(config, energy_window=None, montecarlo=None,
+                      depth_weights=tuple(float(x) for x in depth[i][:izz]) if
+                      depth[i][:izz].sum() > 0 else tuple(float(x) for x in depth[i]),
+                      depth_step=mc.depth_step, mean_depth=None, max_depth=None)
+        mp = dynamical_master_pattern(phase, kv=float(hist.energies[i]), npx=npx, config=sub)
+        north += w * mp.northern
+        south += w * mp.southern
+        last = mp
+    assert last is not None
+    params = dict(last.params)
+    for key in ("kv", "mean_depth_nm", "max_depth_nm", "wavelength_nm",
+                "mean_inner_potential_V", "normal_absorption_length_nm", "seconds"):
+        params.pop(key, None)
+    params.update({
+        "kv": kv,
+        "depth_model": "monte carlo (per energy bin)",
+        "depth_step_nm": float(mc.depth_step),
+        "depth_cutoff_nm": float(izz * mc.depth_step),
+        "energy_window_keV": [lo, hi],
+        "energy_bins_keV": [float(hist.energies[i]) for i in used],
+        "energy_weights": [float(w) for w in weights],
+        "bse_counts": [int(counts[i]) for i in used],
+        "backscatter_yield": hist.backscatter_yield,
+        "montecarlo": {k: v for k, v in asdict(hist.config).items()},
+        "material": asdict(hist.material),
+        "energy_note": "MasterPattern.energy is the window's upper edge",
+        "seconds": round(time.perf_counter() - t0, 3),
+    })
+    _log.info("energy-weighted master pattern of %s: %d bins %s keV, weights %s",
+              phase.name, len(used), params["energy_bins_keV"],
+              np.round(weights, 3).tolist())
+    return MasterPattern(north.astype(np.float32), south.astype(np.float32), phase=phase,
+                         energy=float(hi), method="dynamical", params=params)

@@ -137,3 +137,55 @@ def grid_vectors(npx: int, hemisphere: str = "north") -> np.ndarray:
     if hemisphere == "south":
         v[..., 2] *= -1
     return v
+
+
+def filter_hemispheres(northern: np.ndarray, southern: np.ndarray, func, pad: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Apply a neighbourhood filter to both Lambert hemispheres, continuing across the equator.
+
+    The square's edge is the equator, shared by both hemispheres: the
+    directions just beyond the northern square's edge are the southern
+    square's pixels mirrored about that edge (and vice versa). Each hemisphere
+    is padded with the other's mirror image, filtered, and cropped.
+
+    Parameters
+    ----------
+    northern, southern : (N, N) arrays
+        The two hemispheres (not modified).
+    func
+        Filter taking and returning a 2-D array of the padded shape.
+    pad
+        Border width in pixels that ``func`` needs (its kernel radius).
+    """
+    def one(this: np.ndarray, other: np.ndarray) -> np.ndarray:
+        padded = np.pad(np.asarray(other, dtype=np.float64), pad, mode="reflect")
+        padded[pad:-pad, pad:-pad] = this
+        return func(padded)[pad:-pad, pad:-pad]
+
+    if pad < 1:
+        return func(np.asarray(northern, float)), func(np.asarray(southern, float))
+    return one(northern, southern), one(southern, northern)
+
+
+def downsample(northern: np.ndarray, southern: np.ndarray, factor: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Anti-aliased decimation of a ``(2 factor npx + 1)²`` grid to ``(2 npx + 1)²``.
+
+    Each output pixel is the triangle-weighted mean (Bartlett window of
+    ``2 factor - 1`` taps per axis) of the fine pixels around it, i.e. its
+    footprint on the sphere; a point sample of the fine grid would alias
+    detail finer than the output pixels.
+    """
+    if factor == 1:
+        return northern, southern
+    from scipy import ndimage
+
+    taps = np.bartlett(2 * factor + 1)[1:-1]
+    taps /= taps.sum()
+
+    def smooth(a: np.ndarray) -> np.ndarray:
+        a = ndimage.convolve1d(a, taps, axis=0, mode="nearest")
+        return ndimage.convolve1d(a, taps, axis=1, mode="nearest")
+
+    north, south = filter_hemispheres(northern, southern, smooth, pad=factor)
+    return north[::factor, ::factor], south[::factor, ::factor]
