@@ -27,10 +27,15 @@ def grid(li_master):
 
 @pytest.fixture(scope="module")
 def smap(li_master, detector, grid):
-    """Grains take orientations that are in the dictionary: indexing must find them exactly."""
+    """Grains take orientations that are in the dictionary: indexing must find them exactly.
+
+    Point-sampled patterns (``supersample=1``) and an unfiltered dictionary
+    (``pixel_integration=False`` below), so the data are dictionary rows plus noise.
+    """
     rng = np.random.default_rng(5)
     picks = rng.choice(len(grid), size=40, replace=False)
-    config = SyntheticConfig(map_shape=(8, 12), grain_width=3, pore_fraction=0.08, seed=11)
+    config = SyntheticConfig(map_shape=(8, 12), grain_width=3, pore_fraction=0.08, seed=11,
+                             supersample=1)
     return synthetic_map(li_master, detector, config, grain_orientations=grid[picks])
 
 
@@ -43,15 +48,15 @@ def _best_quaternions(result):
 def test_index_recovers_dictionary_orientations(smap, li_master, detector, device, request):
     if device == "gpu":
         request.getfixturevalue("gpu_standin")
-    config = IndexConfig(resolution=8.0, keep=3, device=device)
+    config = IndexConfig(resolution=8.0, keep=3, device=device, pixel_integration=False)
     result = index(smap.patterns, detector=detector, master_pattern=li_master, config=config)
     diff = smap.diffracting.ravel()
     found = _best_quaternions(result)
     # same rotation up to the quaternion sign
     dots = np.abs(np.sum(found * smap.quaternions, axis=1))
     assert (dots[diff] > 1 - 1e-5).mean() == 1.0
-    # pores do not diffract: their best score stays far below the grains'
-    assert result.scores.ravel()[~diff].max() < 0.5 * np.median(result.scores.ravel()[diff])
+    # pores do not diffract: every pore scores below every grain pixel
+    assert result.scores.ravel()[~diff].max() < result.scores.ravel()[diff].min()
     assert result.xmap.prop["scores"].shape == (smap.quaternions.shape[0], 3)
 
 
@@ -60,7 +65,7 @@ def test_index_reads_npy_and_keeps_row_major_order(smap, li_master, detector, tm
     flat = smap.patterns.reshape(-1, 30, 30)
     np.save(path, flat)  # (n, sy, sx) stack: a 1 x n map
     result = index(path, detector=detector, master_pattern=li_master,
-                   config=IndexConfig(resolution=8.0, keep=1))
+                   config=IndexConfig(resolution=8.0, keep=1, pixel_integration=False))
     assert result.scores.shape == (1, flat.shape[0])
     dots = np.abs(np.sum(_best_quaternions(result) * smap.quaternions, axis=1))
     assert (dots[smap.diffracting.ravel()] > 1 - 1e-5).all()
