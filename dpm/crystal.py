@@ -140,7 +140,14 @@ def get_phase(name: str | Path) -> Phase:
         if path.suffix or len(path.parts) > 1:  # meant as a file
             raise FileNotFoundError(message)
         raise PhaseNotFoundError(message)
-    phase = Phase.from_cif(path)
+    import warnings
+
+    with warnings.catch_warnings():  # orix warns and carries on; dpm raises below
+        warnings.simplefilter("ignore", UserWarning)
+        phase = Phase.from_cif(path)
+    if len(phase.structure) == 0:
+        raise PhaseNotFoundError(f"CIF file {str(path)!r} lists no atom sites "
+                                 "(an _atom_site_ loop with fractional coordinates is needed)")
     if phase.space_group is None:
         raise PhaseNotFoundError(f"CIF file {str(path)!r} does not give a space group")
     return phase

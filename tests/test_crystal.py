@@ -98,6 +98,14 @@ class TestGetPhase:
         with pytest.raises(FileNotFoundError, match="nope.cif"):
             get_phase(missing)
 
+    def test_cif_without_atoms(self, tmp_path):
+        path = tmp_path / "empty.cif"
+        path.write_text("data_empty\n_cell_length_a 3.51\n_cell_length_b 3.51\n"
+                        "_cell_length_c 3.51\n_cell_angle_alpha 90\n_cell_angle_beta 90\n"
+                        "_cell_angle_gamma 90\n_symmetry_Int_Tables_number 229\n")
+        with pytest.raises(ValueError, match="empty.cif.*lists no atom sites"):
+            get_phase(path)
+
     def test_cif_expands_and_keeps_b_iso(self, tmp_path):
         path = tmp_path / "mg.cif"
         path.write_text(HCP_MG_CIF)
