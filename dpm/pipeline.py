@@ -318,8 +318,9 @@ def index(
             raise ValueError("signal mask hides every detector pixel")
     xp = backend.array_module(config.device)
 
+    t = time.perf_counter()
     master = _resolve_master(phase, master_pattern, config)
-    timings["master_pattern"] = time.perf_counter() - t0
+    timings["master_pattern"] = time.perf_counter() - t
 
     t = time.perf_counter()
     rows, readable = prepare_stack(stack, det, mask=mask, config=config,
