@@ -134,7 +134,8 @@ class TestAgainstEMsoftNi:
 
 class TestYield:
     @pytest.fixture(scope="class")
-    def yields(self) -> dict:
+    @classmethod
+    def yields(cls) -> dict:
         ni = make_phase("Ni", 225, (3.5236, 3.5236, 3.5236, 90, 90, 90), [(0, 0, 0)], 0.35)
         config = MonteCarloConfig(n_electrons=4000, e_min=1.0, seed=11)
         out = {}

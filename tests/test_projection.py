@@ -317,7 +317,8 @@ class TestDictionaryFilter:
     """integrate_pixels against an independent oracle: real sub-pixel averaging."""
 
     @pytest.fixture(scope="class")
-    def setup(self):
+    @classmethod
+    def setup(cls):
         from dpm.master.shipped import shipped_master_pattern
 
         master = shipped_master_pattern("li", 20.0)
