@@ -18,7 +18,7 @@ import numpy as np
 
 from dpm.detector import Detector, as_detector, direction_vectors
 from dpm.master import MasterPattern
-from dpm.projection import project_vectors
+from dpm.projection import master_on_device, project_vectors
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,7 +43,7 @@ class Dictionary:
     detector: Detector
     quaternions: np.ndarray
     mask: np.ndarray | None = None
-    _device_cache: dict[Any, tuple[Any, ...]] = field(default_factory=dict, repr=False)
+    _device_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         det = as_detector(self.detector)
@@ -69,15 +69,13 @@ class Dictionary:
         """Pixels per dictionary pattern (inside the signal mask)."""
         return int(self.mask.sum()) if self.mask is not None else int(np.prod(self.detector.shape))
 
-    def _on_device(self, xp: ModuleType) -> tuple[Any, Any, Any]:
-        """Master pattern hemispheres and detector vectors on ``xp``, uploaded once."""
+    def _vectors(self, xp: ModuleType) -> Any:
+        """Directions of the (masked) detector pixels on ``xp``, uploaded once."""
         if xp not in self._device_cache:
             vectors = direction_vectors(self.detector).astype(np.float32)
             if self.mask is not None:
                 vectors = vectors[self.mask.ravel()]
-            self._device_cache[xp] = (
-                xp.asarray(self.master.northern), xp.asarray(self.master.southern),
-                xp.asarray(np.ascontiguousarray(vectors)))
+            self._device_cache[xp] = xp.asarray(np.ascontiguousarray(vectors))
         return self._device_cache[xp]
 
     def chunk(self, start: int, stop: int, xp: ModuleType = np) -> Any:
@@ -88,6 +86,6 @@ class Dictionary:
         patterns : (stop - start, n_pixels) float32 array on ``xp``
             Zero-mean, unit-norm rows over the masked pixels.
         """
-        north, south, vectors = self._on_device(xp)
+        north, south = master_on_device(xp, self.master)
         q = xp.asarray(self.quaternions[start:stop])
-        return project_vectors(north, south, vectors, q)
+        return project_vectors(north, south, self._vectors(xp), q)

@@ -86,8 +86,8 @@ _FOURPI = 4.0 * math.pi
 _MC2_KEV = constants.m_e * constants.c**2 / constants.e / 1e3
 #: Bohr radius in Å.
 _BOHR_A = constants.physical_constants["Bohr radius"][0] * 1e10
-#: ``2 m0 e / h²`` in nm⁻² V⁻¹: U = _PREG · V (EMsoft ``preg`` = 0.664840340614319).
-_PREG = 2 * constants.m_e * constants.e / constants.h**2 * 1e-18
+#: ``2 m0 e / h²`` in nm⁻² V⁻¹: U = U_PER_VOLT · V (EMsoft ``preg`` = 0.664840340614319).
+U_PER_VOLT = 2 * constants.m_e * constants.e / constants.h**2 * 1e-18
 #: ``h² / (2 pi m0 e)`` in V nm³ Å⁻¹: V_g = _VPREF / Omega[nm³] · F_g[Å] (EMsoft 0.04787801).
 _VPREF = constants.h**2 / (2 * math.pi * constants.m_e * constants.e) * 1e18 * 0.1
 #: Geometric phase sums below this magnitude are systematic absences (set to exactly 0).
@@ -470,16 +470,16 @@ def fourier_coefficients(phase: Phase, hkl: np.ndarray, kv: float) -> FourierCoe
     wavelength = electron_wavelength(kv, inner_potential=v0)  # nm
     gamma = _gamma(kv)
     v, v_prime = v_all[1:], vp_all[1:]
-    u = _PREG * (v + 1j * v_prime)
+    u = U_PER_VOLT * (v + 1j * v_prime)
     with np.errstate(divide="ignore"):
-        xi = 1.0 / (_PREG * np.abs(v) * wavelength)
-        xi_prime = 1.0 / (_PREG * np.abs(v_prime) * wavelength)
-    u0 = complex(_PREG * (v_all[0] + 1j * vp_all[0]))
+        xi = 1.0 / (U_PER_VOLT * np.abs(v) * wavelength)
+        xi_prime = 1.0 / (U_PER_VOLT * np.abs(v_prime) * wavelength)
+    u0 = complex(U_PER_VOLT * (v_all[0] + 1j * vp_all[0]))
     return FourierCoefficients(
         hkl=hkl_arr, U=u, V=v, V_prime=v_prime, xi=xi, xi_prime=xi_prime,
-        U0=u0, xi0_prime=1.0 / (abs(_PREG * vp_all[0]) * wavelength), V0=v0,
+        U0=u0, xi0_prime=1.0 / (abs(U_PER_VOLT * vp_all[0]) * wavelength), V0=v0,
         wavelength_nm=wavelength, k0=1.0 / wavelength,
-        sigma=math.pi * _PREG * gamma * wavelength, gamma=gamma, kv=kv)
+        sigma=math.pi * U_PER_VOLT * gamma * wavelength, gamma=gamma, kv=kv)
 
 
 # --------------------------------------------------------------------------- lookup table

@@ -272,7 +272,7 @@ def project(master: MasterPattern, detector: Detector | EBSDDetector, rotations:
         if index.size == 0:
             raise ValueError("`mask` selects no pixel: at least one must be True")
         vectors = vectors[index]
-    north, south = _master_arrays(xp, master)
+    north, south = master_on_device(xp, master)
     rows = project_vectors(north, south, xp.asarray(vectors), quats)
     n = rows.shape[0]
     if index is None:
@@ -303,7 +303,7 @@ def _quaternions(xp: ModuleType, rotations: Any) -> Any:
     return xp.ascontiguousarray(xp.asarray(quats), dtype=xp.float32)
 
 
-def _master_arrays(xp: ModuleType, master: MasterPattern) -> tuple[Any, Any]:
+def master_on_device(xp: ModuleType, master: MasterPattern) -> tuple[Any, Any]:
     """The hemispheres on ``xp``'s device, uploaded once per MasterPattern object."""
     if xp is np:
         return master.northern, master.southern

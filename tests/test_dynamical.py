@@ -87,7 +87,7 @@ def emsoft_config(ni: dict, **kw) -> DynamicalConfig:
 
 def emsoft_on_grid(ni: dict, npx: int) -> np.ndarray:
     """EMsoft's hemispheres resampled (bilinear, as kikuchipy does) onto a dpm grid."""
-    from dpm.io.emsoft import lambert_interpolate
+    from dpm.master.lambert import lambert_interpolate
 
     if npx == ni["npx"]:
         return np.stack([ni["north"], ni["south"]])

@@ -12,11 +12,11 @@ import pytest
 from dpm.crystal import get_phase
 from dpm.io.emsoft import (
     MasterPatternFileError,
-    lambert_to_stereographic,
     read_master_pattern,
     write_master_pattern,
 )
 from dpm.master.kinematical import kinematical_master_pattern
+from dpm.master.lambert import lambert_to_stereographic
 
 from test_master import kikuchipy_kinematical, ncc
 

@@ -164,7 +164,7 @@ class TestAntiAliasing:
 
     def test_supersampling_restores_threefold_symmetry(self):
         """Li's dynamical lines are thinner than a Lambert pixel: point samples alias them."""
-        from dpm.io.emsoft import lambert_interpolate
+        from dpm.master.lambert import lambert_interpolate
 
         rng = np.random.default_rng(1)
         v = rng.normal(size=(5000, 3))

@@ -94,8 +94,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
-from scipy import constants
 
+from dpm import backend
 from dpm.master import MasterPattern
 from dpm.master.montecarlo import MonteCarloConfig
 
@@ -279,12 +279,11 @@ def _fourier_coefficients(phase: Phase, hkl: np.ndarray, kv: float) -> _Potentia
     ``U'_g = (2 m0 e/h²) V'_g`` are kept apart (both complex in general), with
     the mean inner potential and the refraction-corrected wavelength.
     """
-    from dpm.potential import fourier_coefficients
+    from dpm.potential import U_PER_VOLT, fourier_coefficients
 
     fc = fourier_coefficients(phase, hkl, kv)
-    preg = 2.0 * constants.m_e * constants.e / constants.h**2 * 1e-18  # nm⁻² per V
-    return _Potential(preg * np.asarray(fc.V, dtype=np.complex128),
-                      preg * np.asarray(fc.V_prime, dtype=np.complex128),
+    return _Potential(U_PER_VOLT * np.asarray(fc.V, dtype=np.complex128),
+                      U_PER_VOLT * np.asarray(fc.V_prime, dtype=np.complex128),
                       float(fc.V0), float(fc.wavelength_nm))
 
 
@@ -593,9 +592,9 @@ def _simulate_directions(
         weak_mask = cand & ~strong_mask & (abs_sg <= weak_cut)
         ns = xp.sum(strong_mask, axis=1)
         nw = xp.sum(weak_mask, axis=1)
-        ns_host = np.asarray(_to_host(ns, xp))
+        ns_host = backend.to_host(ns)
         n_strong[start:start + len(ns_host)] = ns_host
-        n_weak[start:start + len(ns_host)] = _to_host(nw, xp)
+        n_weak[start:start + len(ns_host)] = backend.to_host(nw)
         result = xp.zeros(len(ns_host), dtype=xp.float64)
         for n in np.unique(ns_host):
             sel_host = np.flatnonzero(ns_host == n)
@@ -609,14 +608,8 @@ def _simulate_directions(
             inv_s = xp.where(valid, 1.0 / xp.where(valid, sg_weak, 1.0), 0.0)
             result[sel] = _intensity_group(xp, tab, strong, weak, inv_s, sg_strong, kn, depth,
                                            config.solver, tables.real)
-        out[start:start + len(ns_host)] = _to_host(result, xp)
+        out[start:start + len(ns_host)] = backend.to_host(result)
     return out, n_strong, n_weak
-
-
-def _to_host(a: Any, xp: ModuleType) -> np.ndarray:
-    from dpm import backend
-
-    return backend.to_host(a) if xp is not np else np.asarray(a)
 
 
 # --------------------------------------------------------------------------- public
@@ -677,7 +670,6 @@ def dynamical_master_pattern(
     >>> mp.northern.shape                                                # doctest: +SKIP
     (41, 41)
     """
-    from dpm import backend
     from dpm.master.lambert import grid_vectors
 
     if isinstance(npx, bool) or int(npx) != npx or npx < _MIN_NPX:

@@ -189,3 +189,67 @@ def downsample(northern: np.ndarray, southern: np.ndarray, factor: int
 
     north, south = filter_hemispheres(northern, southern, smooth, pad=factor)
     return north[::factor, ::factor], south[::factor, ::factor]
+
+
+def lambert_interpolate(hemisphere: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Bilinear lookup of one Lambert hemisphere at unit vectors.
+
+    Uses EMsoft's/kikuchipy's scheme (``LambertgetInterpolation``): pixel
+    coordinates ``npx·(a, b) + npx`` of the Lambert coordinates of ``v``
+    (hemisphere by ``|z|``, i.e. the caller picks the array), neighbours
+    clamped at the edge.
+
+    Parameters
+    ----------
+    hemisphere : (N, N) array
+        One Lambert hemisphere, ``N = 2 npx + 1``, ``[row = y, col = x]``.
+    v : (..., 3) array
+        Unit vectors.
+
+    Returns
+    -------
+    values : (...) float64 array
+    """
+    n = hemisphere.shape[0]
+    scale = (n - 1) / 2
+    ab = vector_to_lambert(v)
+    x = scale * ab[..., 0] + scale
+    y = scale * ab[..., 1] + scale
+    c0 = np.clip(np.floor(x).astype(np.int64), 0, n - 1)
+    r0 = np.clip(np.floor(y).astype(np.int64), 0, n - 1)
+    c1 = np.minimum(c0 + 1, n - 1)
+    r1 = np.minimum(r0 + 1, n - 1)
+    dx = x - c0
+    dy = y - r0
+    mp = np.asarray(hemisphere, dtype=np.float64)
+    return (mp[r0, c0] * (1 - dy) * (1 - dx) + mp[r1, c0] * dy * (1 - dx)
+            + mp[r0, c1] * (1 - dy) * dx + mp[r1, c1] * dy * dx)
+
+
+def lambert_to_stereographic(hemisphere: np.ndarray) -> np.ndarray:
+    """Stereographic projection of one Lambert hemisphere, EMsoft's ``masterSP`` layout.
+
+    Pixel ``[j, i]`` of the ``N × N`` output (``N = 2 npx + 1``) is at
+    ``(X, Y) = (i - npx, j - npx) / npx``; for ``r² = X² + Y² <= 1`` it shows
+    the direction ``(2X, 2Y, 1 - r²) / (1 + r²)`` (``z -> -z`` for the
+    southern hemisphere, which shares the Lambert coordinates), outside the
+    unit circle it is 0.
+
+    Parameters
+    ----------
+    hemisphere : (N, N) array
+        One Lambert hemisphere.
+
+    Returns
+    -------
+    stereographic : (N, N) float32 array
+    """
+    n = hemisphere.shape[0]
+    npx = (n - 1) // 2
+    t = np.arange(-npx, npx + 1) / npx
+    y, x = np.meshgrid(t, t, indexing="ij")
+    r2 = x * x + y * y
+    v = np.stack([2 * x, 2 * y, 1 - r2], axis=-1) / (1 + r2)[..., None]
+    out = lambert_interpolate(hemisphere, v)
+    out[r2 > 1] = 0.0
+    return out.astype(np.float32)
