@@ -42,6 +42,7 @@ CUPY_SUBSET: tuple[str, ...] = (
     "isfinite",
     "cos", "floor", "log", "log1p", "maximum", "sign", "sin", "sqrt",
     "where",
+    "cross", "diagonal", "empty_like", "eye", "minimum", "tile", "linalg.solve",
     "float32",
     "int32",
     "int64",

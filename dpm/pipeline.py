@@ -163,37 +163,37 @@ def _resolve_master(phase: Any, master_pattern: Any, config: IndexConfig):
     return cached_master_pattern(phase, kv=config.kv, npx=config.npx, method=config.method)
 
 
-def _chunks(data: Any, size: int):
-    """Yield ``(start, (k, sy, sx) NumPy array)`` over a flattened pattern stack."""
-    flat = data.reshape(-1, *data.shape[-2:])
-    for start in range(0, flat.shape[0], size):
-        chunk = flat[start:start + size]
-        if hasattr(chunk, "compute"):
-            chunk = chunk.compute()
-        yield start, np.asarray(chunk)
-
-
-def _varying(chunk: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """(k,) bool: True where a raw pattern is not constant over the masked pixels."""
-    flat = chunk.reshape(len(chunk), -1)
-    if mask is not None:
-        flat = flat[:, mask.ravel()]
-    return flat.max(axis=1) > flat.min(axis=1)
-
-
 def prepare_stack(stack, detector, *, mask: np.ndarray | None, config: IndexConfig,
                   background: np.ndarray | None, xp) -> tuple[Any, np.ndarray]:
-    """Background-correct and normalise every pattern of a stack, chunk by chunk.
+    """Preprocess and normalise every pattern of a stack, chunk by chunk.
 
-    Constant raw patterns (a blanked beam, a dead frame) are not indexed: they
-    get zero rows and ``readable = False``, and are left out of the mean
-    background.
+    Runs :func:`dpm.preprocess.preprocess_stack` with ``config.preprocess``
+    and ``config.chunk_size``, then :func:`dpm.match.prepare_patterns` on each
+    chunk. Constant raw patterns (a blanked beam, a dead frame) are not
+    indexed: they get zero rows and ``readable = False``, and are left out of
+    the mean background and of neighbour averaging.
+
+    Parameters
+    ----------
+    stack
+        The :class:`~dpm.io.readers.PatternStack`.
+    detector
+        Detector of the raw (unbinned) patterns.
+    mask : (sy, sx) bool array, optional
+        Signal mask of the raw patterns; binned with the patterns
+        (:func:`dpm.preprocess.bin_mask`) before normalisation.
+    config
+        ``preprocess`` and ``chunk_size`` are used.
+    background : (sy, sx) array, optional
+        Static background, used with ``static_background="given"``.
+    xp
+        Array module of the output.
 
     Returns
     -------
     patterns : (n, npix) float32 array on ``xp``
-        Zero-mean unit-norm rows over the masked pixels; zero rows where the
-        pattern is unreadable.
+        Zero-mean unit-norm rows over the (binned) masked pixels; zero rows
+        where the pattern is unreadable.
     readable : (n,) bool array
 
     Raises
@@ -203,42 +203,31 @@ def prepare_stack(stack, detector, *, mask: np.ndarray | None, config: IndexConf
         or when no pattern is readable.
     """
     from dpm.match import prepare_patterns
-    from dpm.preprocess import mean_pattern, remove_static_background
+    from dpm.preprocess import bin_mask, binned_detector, preprocess_stack
 
     pre = config.preprocess
     ny, nx = stack.map_shape
-    if pre.static_background == "mean":
-        background = mean_pattern(c[_varying(c, mask)] for _, c in _chunks(stack.data, config.chunk_size))
-    elif pre.static_background == "given" and background is None:
-        if stack.static_background is None:
-            raise ValueError(f"{stack.source}: static_background='given' but neither the call "
-                             "nor the file provides a background")
-        background = stack.static_background
-    n = ny * nx
-    npix = int(mask.sum()) if mask is not None else int(np.prod(detector.shape))
-    out = xp.empty((n, npix), dtype=xp.float32)
-    readable = np.ones(n, dtype=bool)
-    for start, chunk in _chunks(stack.data, config.chunk_size):
-        finite = np.isfinite(chunk).all(axis=(1, 2))
-        if not finite.all():
-            i = start + int(np.flatnonzero(~finite)[0])
-            raise ValueError(f"{stack.source}: pattern {i} (row {i // nx}, column {i % nx}) holds "
-                             f"NaN or infinite values ({int((~finite).sum())} such patterns in "
-                             f"this chunk)")
-        c = xp.asarray(chunk)
-        if pre.static_background != "none":
-            c = remove_static_background(c, background, pre.operation)
-        rows, valid = prepare_patterns(c, mask=mask)
-        ok = _varying(chunk, mask) & backend.to_host(valid)
-        rows[xp.asarray(~ok)] = 0.0
-        out[start:start + len(chunk)] = rows
-        readable[start:start + len(chunk)] = ok
+    binned = bin_mask(mask, pre.binning) if mask is not None else None
+    npix = int(binned.sum()) if binned is not None else binned_detector(detector, pre.binning).size
+    out = xp.zeros((ny * nx, npix), dtype=xp.float32)
+    readable = np.zeros(ny * nx, dtype=bool)
+    chunks = preprocess_stack(stack, pre, mask=mask, xp=xp, chunk_size=config.chunk_size,
+                              background=background if pre.static_background == "given" else None)
+    for start, patterns, ok in chunks:
+        if not ok.any():
+            continue
+        idx = np.flatnonzero(ok)
+        rows, valid = prepare_patterns(patterns[xp.asarray(idx)], mask=binned)
+        valid = backend.to_host(valid)
+        out[xp.asarray(start + idx[valid])] = rows[xp.asarray(np.flatnonzero(valid))]
+        readable[start + idx[valid]] = True
     if not readable.any():
-        raise ValueError(f"{stack.source}: every pattern is constant; nothing to index")
+        raise ValueError(f"{stack.source}: no pattern is readable after preprocessing; "
+                         "nothing to index")
     if not readable.all():
         first = int(np.flatnonzero(~readable)[0])
-        log.warning("%d constant patterns are not indexed (first: pattern %d, row %d, column %d)",
-                    int((~readable).sum()), first, first // nx, first % nx)
+        log.warning("%d unreadable patterns are not indexed (first: pattern %d, row %d, "
+                    "column %d)", int((~readable).sum()), first, first // nx, first % nx)
     return out, readable
 
 

@@ -1,0 +1,872 @@
+"""Orientation and pattern-centre refinement: maximise the NCC, many patterns at once.
+
+A 2° dictionary leaves about a degree of error. Refinement moves each
+orientation (and optionally the pattern centre, PC) to the maximum of the
+normalised cross-correlation (NCC) between the experimental pattern ``e`` and
+the pattern ``s(p)`` projected from the master pattern at parameters ``p``.
+Both are zero-mean and unit-norm over the used pixels, so maximising the NCC
+is minimising ``|s(p) - e|² = 2 - 2 NCC``: a least-squares problem solved by
+Levenberg–Marquardt with a trust region, for every pattern at once.
+
+Parameters
+----------
+Orientation: a rotation vector ``δ`` (radians) applied in the crystal frame,
+``q -> exp(δ) q`` (orix convention: ``q`` rotates the sample frame onto the
+crystal frame; the crystal direction of a pixel moves by ``δ × u``).
+Pattern centre: Bruker ``(PCx, PCy, PCz)`` as :class:`dpm.detector.Detector`.
+
+One kernel per iteration
+------------------------
+Every iteration evaluates, for each candidate, 42 sums over the pixels
+(``kernels/refine.cu``; numba twin :func:`_refine_sums_numba`): of the
+projected intensity ``I``, its derivatives ``D_j`` with respect to the six
+parameters, and products with each other and with ``e``. From them, with
+``μ`` the mean and ``N`` the norm of ``I - μ``:
+
+* ``NCC = Σ e I / N``;
+* ``∂NCC/∂p_j = (Σ e D_j - NCC (s·D_j)) / N``, ``s·D_j = (Σ I D_j - μ Σ D_j) / N``;
+* ``(JᵀJ)_jk = (Σ D_j D_k - Σ D_j Σ D_k / n - (s·D_j)(s·D_k)) / N²``, the
+  Gauss–Newton matrix of the normalised pattern; ``NCC · JᵀJ`` approximates
+  ``-∇²NCC`` (see :func:`correlation_terms`).
+
+No Jacobian is ever stored, so memory is a few hundred bytes per candidate.
+Intensity derivatives come from Lambert-square gradient maps of the master
+pattern (central differences), interpolated like the intensity, and the
+Lambert map differentiated along two tangent directions; the master pattern
+is first low-passed to the detector's pixel size
+(:func:`dpm.projection.integrate_pixels`), which makes the NCC smooth at the
+scale refinement works on and models the camera's pixel integration.
+
+Iteration (per candidate)
+-------------------------
+Solve ``(H + λ diag H) Δ = ∇NCC`` with ``H = NCC · JᵀJ`` for the free parameters, shorten Δ to
+the trust radius, evaluate the NCC at the trial point; accept it when the NCC
+rises (radius × 2, λ / 3), else reject (radius / 4, λ × 4). A candidate has
+converged when an accepted rotation step is below ``tolerance`` (and a PC step
+below ``pc_tolerance``), or its radius has shrunk below them. Converged
+candidates leave the batch, so late iterations cost little.
+
+Starts
+------
+Each pattern is refined from its best ``n_starts`` dictionary matches,
+skipping a match within ``distinct_angle`` of a better one (it would climb the
+same maximum); the candidate with the highest refined NCC is kept.
+
+Pattern centre
+--------------
+``pattern_centre="fixed"`` refines orientations only; ``"pattern"`` refines
+orientation and PC of every pattern (6 parameters); ``"shared"`` first fits
+one PC for the whole map, jointly with the orientations of the
+``pc_subset`` patterns with the highest starting NCC (a bundle adjustment: the
+orientation blocks are eliminated by their Schur complement, so the shared
+step is a 3 × 3 solve), then refines every orientation at that PC.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+import numba as nb
+import numpy as np
+
+from dpm import backend
+from dpm.detector import Detector, as_detector, sample_to_detector_matrix
+from dpm.master import MasterPattern
+
+if TYPE_CHECKING:
+    from kikuchipy.detectors import EBSDDetector
+
+log = logging.getLogger("dpm")
+
+#: Sums per candidate written by the kernel; equals REFINE_N_SUMS in kernels/refine.cu.
+N_SUMS = 42
+#: Threads per block of the CUDA kernel (a power of two; see the launch site).
+_GPU_THREADS = 128
+#: Smallest NCC used to scale the curvature (a weaker correlation is noise).
+_MIN_CURVATURE_NCC = 0.05
+#: Upper-triangle index pairs (j <= k) of the 6 x 6 sums, in kernel order.
+_TRIU = np.triu_indices(6)
+#: Position of D_j D_j among the 42 sums (row j of the upper triangle starts there).
+_TRIU_ROW = np.array([21 + 6 * j - j * (j - 1) // 2 for j in range(6)], dtype=np.int64)
+
+PatternCentreMode = Literal["fixed", "shared", "pattern"]
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Options of :func:`refine`.
+
+    Attributes
+    ----------
+    pattern_centre
+        ``"fixed"`` (orientations only), ``"shared"`` (one PC fitted for the
+        map, then orientations) or ``"pattern"`` (orientation and PC per pattern).
+    n_starts
+        Best dictionary matches tried per pattern (distinct ones only).
+    distinct_angle
+        Degrees: a start within this disorientation of a better start is skipped.
+    trust_radius
+        Initial and largest rotation step, in degrees (it grows up to 4 × this).
+    pc_trust_radius
+        Initial and largest PC step (fractions, Bruker convention; grows up to 4 ×).
+    tolerance
+        Rotation step in degrees below which a candidate has converged.
+    pc_tolerance
+        PC step below which the PC has converged.
+    max_iterations
+        Iterations at most (each is one kernel call over the unconverged candidates).
+    pc_subset
+        Patterns used to fit a shared PC (those with the highest starting NCC).
+    """
+
+    pattern_centre: PatternCentreMode = "fixed"
+    n_starts: int = 10
+    distinct_angle: float = 4.0
+    trust_radius: float = 1.0
+    pc_trust_radius: float = 0.005
+    tolerance: float = 0.01
+    pc_tolerance: float = 1e-4
+    max_iterations: int = 50
+    pc_subset: int = 256
+
+    def __post_init__(self) -> None:
+        if self.pattern_centre not in ("fixed", "shared", "pattern"):
+            raise ValueError(f"pattern_centre must be 'fixed', 'shared' or 'pattern', "
+                             f"got {self.pattern_centre!r}")
+        for name in ("n_starts", "max_iterations", "pc_subset"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("trust_radius", "pc_trust_radius", "tolerance", "pc_tolerance"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.distinct_angle < 0:
+            raise ValueError(f"distinct_angle must be >= 0 degrees, got {self.distinct_angle}")
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """Refined parameters of every pattern (host arrays).
+
+    Attributes
+    ----------
+    quaternions : (n, 4) float64
+        Refined orientations ``(a, b, c, d)``, ``a >= 0``; the start where a
+        pattern was not refined.
+    scores : (n,) float32
+        NCC at the refined parameters (0 where the pattern was not refined).
+    pcs : (n, 3) float64
+        Bruker pattern centre of every pattern after refinement.
+    iterations : (n,) int32
+        Iterations of the kept candidate.
+    start : (n,) int32
+        Which dictionary match (0 = best) the kept candidate started from; -1
+        where the pattern was not refined.
+    """
+
+    quaternions: np.ndarray
+    scores: np.ndarray
+    pcs: np.ndarray
+    iterations: np.ndarray
+    start: np.ndarray
+
+
+# ----------------------------------------------------------------- the tables
+
+
+@dataclass(frozen=True, eq=False)
+class RefinementMaster:
+    """A master pattern prepared for refinement on one detector.
+
+    Attributes
+    ----------
+    tables : (2, side, side, 4) float32
+        Northern and southern hemispheres, each Lambert node holding
+        ``(I, ∂I/∂a, ∂I/∂b, 0)`` with ``a, b`` the Lambert coordinates in [-1, 1].
+    master
+        The pixel-integrated master pattern the tables come from.
+    """
+
+    tables: np.ndarray
+    master: MasterPattern
+
+
+def refinement_master(master: MasterPattern, detector: Detector | EBSDDetector,
+                      psf: float = 0.0) -> RefinementMaster:
+    """Low-pass a master pattern to the detector's pixels and tabulate its gradients.
+
+    Parameters
+    ----------
+    master
+        Master pattern (not the dictionary's orientation-spread copy: refinement
+        needs the sharp pattern, integrated over a camera pixel only).
+    detector
+        Detector whose pixel size sets the low-pass filter.
+    psf
+        Gaussian σ of the camera's point-spread function (scintillator and
+        optics), in detector pixels, added in quadrature to the pixel integration.
+    """
+    from dpm.projection import integrate_pixels, pixel_angle
+
+    if psf < 0:
+        raise ValueError(f"psf must be >= 0 pixels, got {psf}")
+    spread = psf * math.degrees(pixel_angle(detector))
+    smooth = integrate_pixels(master, detector, orientation_spread=spread)
+    npx = (smooth.northern.shape[0] - 1) / 2
+    tables = np.zeros((2, *smooth.northern.shape, 4), dtype=np.float32)
+    for h, hemisphere in enumerate((smooth.northern, smooth.southern)):
+        grid = np.asarray(hemisphere, dtype=np.float64)
+        tables[h, ..., 0] = grid
+        tables[h, ..., 1] = np.gradient(grid, 1.0 / npx, axis=1)  # columns: Lambert a
+        tables[h, ..., 2] = np.gradient(grid, 1.0 / npx, axis=0)  # rows: Lambert b
+    return RefinementMaster(tables=tables, master=smooth)
+
+
+# --------------------------------------------------------------- the kernels
+
+
+@nb.njit(inline="always", cache=True)
+def _lambert(x: float, y: float, z: float, s: float) -> tuple[float, float]:  # pragma: no cover
+    """Lambert (a, b) of a unit vector on the hemisphere of sign ``s`` (as refine.cu)."""
+    rr = x * x + y * y
+    if rr == 0.0:
+        return 0.0, 0.0
+    r = math.sqrt(2.0 * rr / (1.0 + s * z))
+    if abs(y) <= abs(x):
+        q = r if x >= 0.0 else -r
+        return q * 0.7071067811865476, q * 0.9003163161571061 * math.atan(y / x)
+    q = r if y >= 0.0 else -r
+    return q * 0.9003163161571061 * math.atan(x / y), q * 0.7071067811865476
+
+
+@nb.njit(inline="always", cache=True)
+def _bilinear3(table: np.ndarray, a: float, b: float) -> tuple[float, float, float]:  # pragma: no cover
+    side = table.shape[0]
+    last = side - 1
+    half = 0.5 * last
+    xp = min(max(half * a + half, 0.0), last)
+    yp = min(max(half * b + half, 0.0), last)
+    c0 = int(xp)
+    r0 = int(yp)
+    c1 = c0 + 1 if c0 + 1 < side else c0
+    r1 = r0 + 1 if r0 + 1 < side else r0
+    dx = xp - c0
+    dy = yp - r0
+    w00 = (1.0 - dy) * (1.0 - dx)
+    w10 = dy * (1.0 - dx)
+    w01 = (1.0 - dy) * dx
+    w11 = dy * dx
+    out0 = w00 * table[r0, c0, 0] + w10 * table[r1, c0, 0] + w01 * table[r0, c1, 0] + w11 * table[r1, c1, 0]
+    out1 = w00 * table[r0, c0, 1] + w10 * table[r1, c0, 1] + w01 * table[r0, c1, 1] + w11 * table[r1, c1, 1]
+    out2 = w00 * table[r0, c0, 2] + w10 * table[r1, c0, 2] + w01 * table[r0, c1, 2] + w11 * table[r1, c1, 2]
+    return out0, out1, out2
+
+
+@nb.njit(inline="always", cache=True)
+def _lambert_gradient(x: float, y: float, z: float, s: float, ga: float,
+                      gb: float) -> tuple[float, float, float]:  # pragma: no cover
+    """``ga ∇a + gb ∇b``: the gradient of I(a(u), b(u)) at unit ``u`` (as refine.cu).
+
+    With ``r = sqrt(2 (1 - s z))`` (so ``∂r/∂z = -s / r``) and ``ρ² = x² + y²``;
+    only its tangential part is used. Zero at the pole.
+    """
+    rr = x * x + y * y
+    if rr == 0.0:
+        return 0.0, 0.0, 0.0
+    r = math.sqrt(2.0 * rr / (1.0 + s * z))
+    dr = -s / r
+    k = 0.9003163161571061  # 2 sqrt(2) / pi
+    if abs(y) <= abs(x):
+        sg = 1.0 if x >= 0.0 else -1.0
+        # a = sg r / sqrt(2), b = sg r k atan(y / x)
+        return (gb * sg * r * k * (-y / rr),
+                gb * sg * r * k * (x / rr),
+                ga * sg * 0.7071067811865476 * dr + gb * sg * k * math.atan(y / x) * dr)
+    sg = 1.0 if y >= 0.0 else -1.0
+    # a = sg r k atan(x / y), b = sg r / sqrt(2)
+    return (ga * sg * r * k * (y / rr),
+            ga * sg * r * k * (-x / rr),
+            ga * sg * k * math.atan(x / y) * dr + gb * sg * 0.7071067811865476 * dr)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx: float, sy: float,
+                       patterns: np.ndarray, item_pattern: np.ndarray, quaternions: np.ndarray,
+                       pcs: np.ndarray, n_params: int, out: np.ndarray) -> None:  # pragma: no cover
+    """CPU twin of ``kernels/refine.cu::refine_sums``: fill ``out`` (m, 42)."""
+    m = quaternions.shape[0]
+    npix = pixels.shape[0]
+    ratio = sx / sy
+    for i in nb.prange(m):
+        qa = np.float64(quaternions[i, 0])
+        qb = np.float64(quaternions[i, 1])
+        qc = np.float64(quaternions[i, 2])
+        qd = np.float64(quaternions[i, 3])
+        qs = 1.0 / (qa * qa + qb * qb + qc * qc + qd * qd)
+        r00 = (qa * qa + qb * qb - qc * qc - qd * qd) * qs
+        r01 = 2.0 * (qb * qc - qa * qd) * qs
+        r02 = 2.0 * (qa * qc + qb * qd) * qs
+        r10 = 2.0 * (qa * qd + qb * qc) * qs
+        r11 = (qa * qa - qb * qb + qc * qc - qd * qd) * qs
+        r12 = 2.0 * (qc * qd - qa * qb) * qs
+        r20 = 2.0 * (qb * qd - qa * qc) * qs
+        r21 = 2.0 * (qa * qb + qc * qd) * qs
+        r22 = (qa * qa - qb * qb - qc * qc + qd * qd) * qs
+        pcx = np.float64(pcs[i, 0])
+        pcy = np.float64(pcs[i, 1])
+        pcz = np.float64(pcs[i, 2])
+        dw = np.empty((3, 3))
+        for k in range(3):
+            dw[0, k] = -ratio * S[k]
+            dw[1, k] = S[3 + k]
+            dw[2, k] = S[6 + k]
+        e_row = patterns[item_pattern[i]]
+        acc = np.zeros(N_SUMS)
+        D = np.zeros(6)
+        for p in range(npix):
+            xd = (pixels[p, 0] - pcx * sx) / sy
+            yd = pcy - pixels[p, 1] / sy
+            wx = xd * S[0] + yd * S[3] + pcz * S[6]
+            wy = xd * S[1] + yd * S[4] + pcz * S[7]
+            wz = xd * S[2] + yd * S[5] + pcz * S[8]
+            wn = math.sqrt(wx * wx + wy * wy + wz * wz)
+            vx = wx / wn
+            vy = wy / wn
+            vz = wz / wn
+            ux = r00 * vx + r01 * vy + r02 * vz
+            uy = r10 * vx + r11 * vy + r12 * vz
+            uz = r20 * vx + r21 * vy + r22 * vz
+            s = 1.0 if uz >= 0.0 else -1.0
+            a, b = _lambert(ux, uy, uz, s)
+            value, ga, gb = _bilinear3(tables[0] if s > 0.0 else tables[1], a, b)
+            gx, gy, gz = _lambert_gradient(ux, uy, uz, s, ga, gb)
+            D[0] = uy * gz - uz * gy
+            D[1] = uz * gx - ux * gz
+            D[2] = ux * gy - uy * gx
+            if n_params == 6:
+                gsx = r00 * gx + r10 * gy + r20 * gz
+                gsy = r01 * gx + r11 * gy + r21 * gz
+                gsz = r02 * gx + r12 * gy + r22 * gz
+                gv = gsx * vx + gsy * vy + gsz * vz
+                for k in range(3):
+                    gdw = gsx * dw[k, 0] + gsy * dw[k, 1] + gsz * dw[k, 2]
+                    vdw = vx * dw[k, 0] + vy * dw[k, 1] + vz * dw[k, 2]
+                    D[3 + k] = (gdw - gv * vdw) / wn
+            e = np.float64(e_row[p])
+            acc[0] += value
+            acc[1] += value * value
+            acc[2] += e * value
+            for j in range(n_params):
+                dj = D[j]
+                acc[3 + j] += dj
+                acc[9 + j] += value * dj
+                acc[15 + j] += e * dj
+                c = _TRIU_ROW[j]
+                for k in range(j, n_params):
+                    acc[c + k - j] += dj * D[k]
+        for j in range(N_SUMS):
+            out[i, j] = acc[j]
+
+
+def _refine_sums_cuda(tables: Any, S: Any, pixels: Any, sx: float, sy: float, patterns: Any,
+                      item_pattern: Any, quaternions: Any, pcs: Any, n_params: int, out: Any) -> None:
+    """Launch ``kernels/refine.cu::refine_sums``; writes ``out`` in place."""
+    m = quaternions.shape[0]
+    npix = pixels.shape[0]
+    side = tables.shape[1]
+    kernel = backend.load_kernel("refine", "refine_sums")
+    # One block per candidate: 128 threads walk its pixels with stride 128
+    # (coalesced loads of pixel centres and of the experimental row; 60 x 60
+    # patterns give 28 pixels per thread), each keeping 42 double partial sums
+    # in registers; the block reduces them in 42 * 128 doubles (43 KB) of
+    # shared memory. Fewer threads for tiny patterns so no warp idles.
+    block = min(_GPU_THREADS, max(32, 1 << (npix - 1).bit_length()))
+    shared = N_SUMS * block * np.dtype(np.float64).itemsize
+    kernel((m,), (block,),
+           (tables, np.int32(side), S, pixels, np.int32(npix), np.float32(sx), np.float32(sy),
+            patterns, item_pattern, quaternions, pcs, np.int32(m), np.int32(n_params), out),
+           shared_mem=shared)
+
+
+@dataclass(frozen=True, eq=False)
+class _Problem:
+    """Everything the kernel needs that does not change between iterations."""
+
+    xp: ModuleType
+    tables: Any
+    S: Any
+    pixels: Any
+    sx: float
+    sy: float
+    patterns: Any
+
+    @property
+    def npix(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def sums(self, item_pattern: Any, quaternions: Any, pcs: Any, n_params: int = 6) -> Any:
+        """(m, 42) float64 sums on the device for the given candidates.
+
+        With ``n_params = 3`` the pattern-centre derivatives are skipped (their
+        sums are 0): orientation-only refinement costs less."""
+        xp = self.xp
+        m = int(quaternions.shape[0])
+        out = xp.zeros((m, N_SUMS), dtype=xp.float64)
+        if m == 0:
+            return out
+        q = xp.ascontiguousarray(quaternions, dtype=xp.float32)
+        pc = xp.ascontiguousarray(pcs, dtype=xp.float32)
+        ip = xp.ascontiguousarray(item_pattern, dtype=xp.int32)
+        if xp is np:
+            _refine_sums_numba(self.tables, self.S, self.pixels, self.sx, self.sy, self.patterns,
+                               ip, q, pc, n_params, out)
+        else:
+            _refine_sums_cuda(self.tables, self.S, self.pixels, self.sx, self.sy, self.patterns,
+                              ip, q, pc, n_params, out)
+        return out
+
+
+def _problem(patterns: Any, rmaster: RefinementMaster, detector: Detector,
+             mask: np.ndarray | None) -> _Problem:
+    xp = backend.namespace(patterns)
+    sy, sx = detector.shape
+    rows, cols = np.divmod(np.arange(sy * sx), sx)
+    if mask is not None:
+        keep = np.asarray(backend.to_host(mask), dtype=bool).ravel()
+        rows, cols = rows[keep], cols[keep]
+    pixels = np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float32)
+    if pixels.shape[0] != patterns.shape[1]:
+        raise ValueError(f"patterns have {patterns.shape[1]} pixels per row but the detector "
+                         f"{detector.shape} and mask give {pixels.shape[0]}")
+    S = sample_to_detector_matrix(detector).astype(np.float32).ravel()
+    return _Problem(xp=xp, tables=xp.asarray(rmaster.tables), S=xp.asarray(S),
+                    pixels=xp.asarray(pixels), sx=float(sx), sy=float(sy),
+                    patterns=xp.ascontiguousarray(patterns, dtype=xp.float32))
+
+
+# ------------------------------------------------------- sums -> NCC, ∇, JᵀJ
+
+
+def correlation_terms(sums: Any, npix: int) -> tuple[Any, Any, Any]:
+    """NCC, its gradient and the Gauss–Newton matrix from the kernel's sums.
+
+    Parameters
+    ----------
+    sums : (m, 42) float64 array
+        Output of the refinement kernel.
+    npix
+        Pixels summed over.
+
+    Returns
+    -------
+    ncc : (m,) array
+        0 where the projected pattern is constant.
+    gradient : (m, 6) array
+        ∂NCC/∂(δ₁, δ₂, δ₃, PCx, PCy, PCz).
+    hessian : (m, 6, 6) array
+        ``NCC · JᵀJ`` with ``J`` the Jacobian of the normalised projected
+        pattern: the Newton approximation of ``-∇²NCC`` (positive semi-definite).
+    """
+    xp = backend.namespace(sums)
+    s1, s2, se = sums[:, 0], sums[:, 1], sums[:, 2]
+    a, b, c = sums[:, 3:9], sums[:, 9:15], sums[:, 15:21]
+    mean = s1 / npix
+    norm2 = s2 - s1 * mean
+    ok = norm2 > 1e-12 * xp.maximum(s2, 1e-300)
+    norm = xp.sqrt(xp.where(ok, norm2, 1.0))
+    ncc = xp.where(ok, se / norm, 0.0)
+    sd = (b - mean[:, None] * a) / norm[:, None]
+    gradient = xp.where(ok[:, None], (c - ncc[:, None] * sd) / norm[:, None], 0.0)
+    g = xp.zeros((sums.shape[0], 6, 6), dtype=xp.float64)
+    g[:, _TRIU[0], _TRIU[1]] = sums[:, 21:]
+    g[:, _TRIU[1], _TRIU[0]] = sums[:, 21:]
+    hessian = (g - a[:, :, None] * a[:, None, :] / npix - sd[:, :, None] * sd[:, None, :])
+    # -∇²NCC = <e, -∇²s> ≈ NCC · JᵀJ when e = NCC · s + noise (<s, ∇²s> = -JᵀJ
+    # for unit s): plain Gauss–Newton (JᵀJ alone) assumes small residuals and
+    # would shorten every step by the factor NCC (0.1–0.4 for real patterns).
+    weight = xp.maximum(ncc, _MIN_CURVATURE_NCC) / (norm2 + (~ok))
+    hessian = xp.where(ok[:, None, None], hessian * weight[:, None, None], 0.0)
+    return ncc, gradient, hessian
+
+
+# ------------------------------------------------------------- quaternions
+
+
+def _rotate(xp: ModuleType, delta: Any, q: Any) -> Any:
+    """``exp(delta) ⊗ q`` for rotation vectors ``delta`` (m, 3) in radians, ``a >= 0``."""
+    angle = xp.sqrt((delta * delta).sum(axis=1))
+    half = 0.5 * angle
+    scale = xp.where(angle > 0, xp.sin(half) / xp.where(angle > 0, angle, 1.0), 0.5)
+    pa, pv = xp.cos(half), delta * scale[:, None]
+    qa, qv = q[:, 0], q[:, 1:]
+    out = xp.empty_like(q)
+    out[:, 0] = pa * qa - (pv * qv).sum(axis=1)
+    out[:, 1:] = pa[:, None] * qv + qa[:, None] * pv + xp.cross(pv, qv)
+    out /= xp.sqrt((out * out).sum(axis=1))[:, None]
+    return out * xp.where(out[:, :1] < 0, -1.0, 1.0)
+
+
+def _symmetry_quaternions(master: MasterPattern) -> np.ndarray:
+    """(s, 4) proper rotations of the master pattern's Laue group."""
+    return np.asarray(master.phase.point_group.laue_proper_subgroup.data, dtype=np.float64)
+
+
+def distinct_starts(quaternions: np.ndarray, symmetry: np.ndarray, angle: float) -> np.ndarray:
+    """Which of each pattern's ranked candidates are worth refining.
+
+    Candidate ``j`` is kept unless a better-ranked kept candidate lies within
+    ``angle`` degrees of it (disorientation under the crystal symmetry).
+
+    Parameters
+    ----------
+    quaternions : (n, k, 4) array
+        Candidates, best first.
+    symmetry : (s, 4) array
+        Proper symmetry rotations of the crystal (crystal frame).
+    angle
+        Degrees.
+
+    Returns
+    -------
+    keep : (n, k) bool array (column 0 always True)
+    """
+    n, k, _ = quaternions.shape
+    keep = np.zeros((n, k), dtype=bool)
+    keep[:, 0] = True
+    if k == 1:
+        return keep
+    cos_half = math.cos(math.radians(angle) / 2)
+    # Symmetry-equivalent candidates s ⊗ q: (n, k, s, 4).
+    sa, sv = symmetry[:, 0], symmetry[:, 1:]
+    qa, qv = quaternions[..., 0], quaternions[..., 1:]
+    eq = np.empty((n, k, len(symmetry), 4))
+    eq[..., 0] = sa * qa[..., None] - np.einsum("sc,nkc->nks", sv, qv)
+    eq[..., 1:] = (sa[:, None] * qv[:, :, None, :] + qa[..., None, None] * sv
+                   + np.cross(sv[None, None], qv[:, :, None, :]))
+    for j in range(1, k):
+        # |<q_j, s ⊗ q_l>| for the better candidates l < j.
+        dots = np.abs(np.einsum("nc,nlsc->nls", quaternions[:, j], eq[:, :j])).max(axis=2)
+        near = (dots >= cos_half) & keep[:, :j]
+        keep[:, j] = ~near.any(axis=1)
+    return keep
+
+
+# ------------------------------------------------------------ the optimiser
+
+
+@dataclass
+class _State:
+    """Levenberg–Marquardt state of every candidate (device arrays)."""
+
+    q: Any
+    pc: Any
+    ncc: Any
+    grad: Any
+    hess: Any
+    radius: Any      # rotation trust radius, radians
+    pc_radius: Any
+    lam: Any
+    iterations: Any
+    active: Any      # host bool
+
+
+def _init_state(problem: _Problem, item_pattern: Any, q: Any, pc: Any,
+                config: RefineConfig, n_params: int) -> _State:
+    xp = problem.xp
+    m = int(q.shape[0])
+    ncc, grad, hess = correlation_terms(problem.sums(item_pattern, q, pc, n_params), problem.npix)
+    return _State(
+        q=q, pc=pc, ncc=ncc, grad=grad, hess=hess,
+        radius=xp.full(m, math.radians(config.trust_radius)),
+        pc_radius=xp.full(m, float(config.pc_trust_radius)),
+        lam=xp.full(m, 1e-3), iterations=xp.zeros(m, dtype=xp.int32),
+        active=backend.to_host(ncc != 0).astype(bool))
+
+
+def _lm_step(xp: ModuleType, hess: Any, grad: Any, lam: Any, free: slice) -> Any:
+    """Damped Gauss–Newton step for the parameters ``free`` (Marquardt scaling)."""
+    h = hess[:, free, free]
+    d = xp.diagonal(h, axis1=1, axis2=2)
+    n = h.shape[-1]
+    eye = xp.eye(n)
+    scale = xp.maximum(d, 1e-12 * xp.maximum(d.max(axis=1, keepdims=True), 1e-300))
+    damped = h + (lam[:, None] * scale + 1e-300)[:, :, None] * eye[None]
+    return xp.linalg.solve(damped, grad[:, free, None])[..., 0]
+
+
+def _clamp(xp: ModuleType, step: Any, radius: Any, pc_radius: Any, with_pc: bool) -> Any:
+    """Shorten each step to its trust radii (rotation and PC parts separately)."""
+    rot = xp.sqrt((step[:, :3] ** 2).sum(axis=1))
+    factor = xp.minimum(1.0, radius / xp.maximum(rot, 1e-300))
+    if with_pc:
+        pcn = xp.sqrt((step[:, 3:] ** 2).sum(axis=1))
+        factor = xp.minimum(factor, pc_radius / xp.maximum(pcn, 1e-300))
+    return step * factor[:, None]
+
+
+def _run_lm(problem: _Problem, item_pattern: Any, state: _State, config: RefineConfig,
+            with_pc: bool, progress: Callable[[int], None] | None = None) -> _State:
+    """Iterate every active candidate to convergence; returns the updated state."""
+    xp = problem.xp
+    free = slice(0, 6) if with_pc else slice(0, 3)
+    tol = math.radians(config.tolerance)
+    max_radius = 4 * math.radians(config.trust_radius)
+    max_pc_radius = 4 * config.pc_trust_radius
+    for _ in range(config.max_iterations):
+        idx_host = np.flatnonzero(state.active)
+        if idx_host.size == 0:
+            break
+        idx = xp.asarray(idx_host)
+        step = _lm_step(xp, state.hess[idx], state.grad[idx], state.lam[idx], free)
+        step = _clamp(xp, step, state.radius[idx], state.pc_radius[idx], with_pc)
+        q_try = _rotate(xp, step[:, :3], state.q[idx])
+        pc_try = state.pc[idx] + step[:, 3:] if with_pc else state.pc[idx]
+        ncc, grad, hess = correlation_terms(
+            problem.sums(item_pattern[idx], q_try, pc_try, 6 if with_pc else 3), problem.npix)
+        better = ncc > state.ncc[idx]
+        rot_step = xp.sqrt((step[:, :3] ** 2).sum(axis=1))
+        small = rot_step < tol
+        if with_pc:
+            small &= xp.sqrt((step[:, 3:] ** 2).sum(axis=1)) < config.pc_tolerance
+        acc = idx[better]
+        state.q[acc] = q_try[better]
+        state.pc[acc] = pc_try[better]
+        state.ncc[acc] = ncc[better]
+        state.grad[acc] = grad[better]
+        state.hess[acc] = hess[better]
+        state.iterations[idx] += 1
+        # A rejected step shrinks the radius to a quarter of that step, so the
+        # next trial is shorter even when the step was inside the radius.
+        state.radius[idx] = xp.where(better, xp.minimum(2 * state.radius[idx], max_radius),
+                                     xp.minimum(state.radius[idx], rot_step) / 4)
+        if with_pc:
+            pc_step = xp.sqrt((step[:, 3:] ** 2).sum(axis=1))
+            state.pc_radius[idx] = xp.where(
+                better, xp.minimum(2 * state.pc_radius[idx], max_pc_radius),
+                xp.minimum(state.pc_radius[idx], pc_step) / 4)
+        state.lam[idx] = xp.where(better, xp.maximum(state.lam[idx] / 3, 1e-9),
+                                  xp.minimum(state.lam[idx] * 4, 1e9))
+        shrunk = state.radius[idx] < tol
+        if with_pc:
+            shrunk &= state.pc_radius[idx] < config.pc_tolerance
+        done = backend.to_host((better & small) | shrunk)
+        state.active[idx_host[done]] = False
+        if progress is not None:
+            progress(int(done.sum()))
+    return state
+
+
+def fit_shared_pattern_centre(patterns: Any, rmaster: RefinementMaster, detector: Detector,
+                              quaternions: Any, *, mask: np.ndarray | None = None,
+                              config: RefineConfig = RefineConfig()) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fit one pattern centre to a set of patterns jointly with their orientations.
+
+    Levenberg–Marquardt on the sum of the NCCs over ``3 n + 3`` parameters:
+    each iteration solves the normal equations by eliminating every pattern's
+    3 × 3 orientation block (Schur complement), so the shared PC step is a
+    3 × 3 solve and the orientation steps follow by back-substitution. A step
+    is accepted when the summed NCC rises.
+
+    Parameters
+    ----------
+    patterns : (n, npix) float32 array
+        Zero-mean unit-norm experimental rows (the subset to fit on), on the
+        device to use.
+    rmaster
+        From :func:`refinement_master`.
+    detector
+        Detector with the starting PC.
+    quaternions : (n, 4) array
+        Starting orientations (e.g. the best dictionary matches).
+    mask
+        Signal mask the rows were taken over.
+    config
+        Trust radii, tolerances and iteration limit.
+
+    Returns
+    -------
+    pc : (3,) float64
+        Fitted Bruker PC.
+    quaternions : (n, 4) float64
+        Orientations refined with it.
+    ncc : float
+        Mean NCC at the fit.
+    """
+    det = as_detector(detector)
+    problem = _problem(patterns, rmaster, det, mask)
+    xp = problem.xp
+    n = int(patterns.shape[0])
+    item_pattern = xp.arange(n, dtype=xp.int32)
+    q = xp.asarray(backend.to_host(quaternions), dtype=xp.float64).reshape(n, 4)
+    pc = xp.asarray(np.asarray(det.pc, dtype=np.float64))
+    ncc, grad, hess = correlation_terms(problem.sums(item_pattern, q, xp.tile(pc, (n, 1))), problem.npix)
+    total = float(backend.to_host(ncc.sum()))
+    radius, pc_radius, lam = math.radians(config.trust_radius), config.pc_trust_radius, 1e-3
+    tol = math.radians(config.tolerance)
+    eye3 = xp.eye(3)
+    for _ in range(config.max_iterations):
+        h_oo = hess[:, :3, :3]
+        h_op = hess[:, :3, 3:]
+        h_pp = hess[:, 3:, 3:]
+        d_oo = xp.diagonal(h_oo, axis1=1, axis2=2)
+        a = h_oo + (lam * xp.maximum(d_oo, 1e-30))[:, :, None] * eye3[None]
+        a_inv = xp.linalg.inv(a)
+        a_inv_op = xp.matmul(a_inv, h_op)                      # (n, 3, 3)
+        a_inv_go = xp.matmul(a_inv, grad[:, :3, None])[..., 0]  # (n, 3)
+        schur = (h_pp - xp.matmul(xp.swapaxes(h_op, 1, 2), a_inv_op)).sum(axis=0)
+        rhs = (grad[:, 3:] - xp.matmul(xp.swapaxes(h_op, 1, 2), a_inv_go[..., None])[..., 0]).sum(axis=0)
+        schur = schur + lam * xp.diagonal(schur) * eye3 + 1e-300 * eye3
+        dp = xp.linalg.solve(schur, rhs[:, None])[:, 0]
+        dp_norm = float(backend.to_host(xp.sqrt((dp * dp).sum())))
+        if dp_norm > pc_radius:
+            dp = dp * (pc_radius / dp_norm)
+            dp_norm = pc_radius
+        do = a_inv_go - (a_inv_op * dp[None, None, :]).sum(axis=2)
+        rot = xp.sqrt((do * do).sum(axis=1))
+        do = do * xp.minimum(1.0, radius / xp.maximum(rot, 1e-300))[:, None]
+        q_try = _rotate(xp, do, q)
+        pc_try = pc + dp
+        n_try, g_try, h_try = correlation_terms(
+            problem.sums(item_pattern, q_try, xp.tile(pc_try, (n, 1))), problem.npix)
+        t_try = float(backend.to_host(n_try.sum()))
+        max_rot = float(backend.to_host(rot.max()))
+        if t_try > total:
+            q, pc, ncc, grad, hess, total = q_try, pc_try, n_try, g_try, h_try, t_try
+            radius, pc_radius, lam = (min(2 * radius, 4 * math.radians(config.trust_radius)),
+                                      min(2 * pc_radius, 4 * config.pc_trust_radius), max(lam / 3, 1e-9))
+            if dp_norm < config.pc_tolerance and max_rot < tol:
+                break
+        else:
+            radius, pc_radius, lam = radius / 4, pc_radius / 4, min(lam * 4, 1e9)
+            if pc_radius < config.pc_tolerance and radius < tol:
+                break
+    return backend.to_host(pc), backend.to_host(q), total / n
+
+
+def refine(
+    patterns: Any,
+    master: MasterPattern | RefinementMaster,
+    detector: Detector | EBSDDetector,
+    starts: Any,
+    *,
+    mask: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
+    config: RefineConfig = RefineConfig(),
+    progress: bool | Callable[[int, int], None] = False,
+) -> RefineResult:
+    """Refine the orientations (and optionally pattern centres) of many patterns.
+
+    Parameters
+    ----------
+    patterns : (n, npix) float32 array
+        Experimental patterns as :func:`dpm.match.prepare_patterns` returns
+        them (zero mean, unit norm over the masked pixels), NumPy or CuPy; the
+        refinement runs on their device.
+    master
+        Master pattern (low-passed to the detector's pixel size here) or a
+        :class:`RefinementMaster` prepared once with :func:`refinement_master`.
+    detector
+        Detector geometry and starting PC (Bruker convention).
+    starts : (n, k, 4) or (n, 4) array
+        Candidate orientations per pattern, best first (dictionary matches).
+    mask : (sy, sx) bool array, optional
+        Signal mask the rows were taken over.
+    valid : (n,) bool array, optional
+        Patterns to refine (default: rows that are not all zero).
+    config
+        Options.
+    progress
+        False, True (tqdm bar over candidates) or ``progress(done, total)``.
+
+    Returns
+    -------
+    RefineResult
+    """
+    det = as_detector(detector)
+    rmaster = master if isinstance(master, RefinementMaster) else refinement_master(master, det)
+    problem = _problem(patterns, rmaster, det, mask)
+    xp = problem.xp
+    n = int(patterns.shape[0])
+    starts_host = np.asarray(backend.to_host(starts), dtype=np.float64)
+    if starts_host.ndim == 2:
+        starts_host = starts_host[:, None, :]
+    if starts_host.shape[0] != n or starts_host.shape[2] != 4:
+        raise ValueError(f"starts must have shape (n, k, 4) or (n, 4) with n = {n}, "
+                         f"got {starts_host.shape}")
+    starts_host = starts_host[:, :config.n_starts]
+    starts_host /= np.linalg.norm(starts_host, axis=2, keepdims=True)
+    if valid is None:
+        valid_host = backend.to_host(xp.abs(problem.patterns).max(axis=1) > 0)
+    else:
+        valid_host = np.asarray(backend.to_host(valid), dtype=bool)
+    keep = distinct_starts(starts_host, _symmetry_quaternions(rmaster.master),
+                           config.distinct_angle) & valid_host[:, None]
+    pattern_of, start_of = np.nonzero(keep)
+    item_pattern = xp.asarray(pattern_of.astype(np.int32))
+    q0 = xp.asarray(starts_host[pattern_of, start_of])
+    pc_start = np.asarray(det.pc, dtype=np.float64)
+
+    if config.pattern_centre == "shared":
+        best = np.flatnonzero(valid_host)
+        state0 = _init_state(problem, item_pattern, q0,
+                             xp.tile(xp.asarray(pc_start), (len(pattern_of), 1)), config, 3)
+        first = start_of == 0
+        score0 = np.full(n, -np.inf)
+        score0[pattern_of[first]] = backend.to_host(state0.ncc)[first]
+        subset = best[np.argsort(-score0[best], kind="stable")[:config.pc_subset]]
+        pc_start, _, _ = fit_shared_pattern_centre(
+            problem.patterns[xp.asarray(subset)], rmaster, replace(det, pc=tuple(pc_start)),
+            starts_host[subset, 0], mask=mask, config=config)
+        log.info("shared pattern centre fitted on %d patterns: %s", len(subset), pc_start)
+
+    pcs = xp.tile(xp.asarray(pc_start), (len(pattern_of), 1))
+    with_pc = config.pattern_centre == "pattern"
+    state = _init_state(problem, item_pattern, q0, pcs, config, 6 if with_pc else 3)
+    report, close = _progress(progress, len(pattern_of))
+    report(int((~state.active).sum()))
+    state = _run_lm(problem, item_pattern, state, config, with_pc=with_pc, progress=report)
+    close()
+
+    ncc = backend.to_host(state.ncc)
+    order = np.lexsort((-ncc, pattern_of))       # by pattern, best NCC first
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = pattern_of[order][1:] != pattern_of[order][:-1]
+    best_item = order[first]
+    quats = starts_host[:, 0].copy()
+    quats *= np.where(quats[:, :1] < 0, -1.0, 1.0)
+    scores = np.zeros(n, dtype=np.float32)
+    pcs_out = np.tile(np.asarray(det.pc, dtype=np.float64), (n, 1))
+    iterations = np.zeros(n, dtype=np.int32)
+    start = np.full(n, -1, dtype=np.int32)
+    rows = pattern_of[best_item]
+    quats[rows] = backend.to_host(state.q)[best_item]
+    scores[rows] = ncc[best_item]
+    pcs_out[rows] = backend.to_host(state.pc)[best_item]
+    iterations[rows] = backend.to_host(state.iterations)[best_item]
+    start[rows] = start_of[best_item]
+    if config.pattern_centre == "shared":
+        pcs_out[:] = pc_start
+    return RefineResult(quaternions=quats, scores=scores, pcs=pcs_out, iterations=iterations,
+                        start=start)
+
+
+def _progress(progress: bool | Callable[[int, int], None], total: int):
+    """``(report(newly_done), close())`` for a progress option."""
+    if callable(progress):
+        done = [0]
+
+        def report(k: int) -> None:
+            done[0] += k
+            progress(done[0], total)
+
+        return report, lambda: None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="refine", unit="candidate")
+        return bar.update, bar.close
+    return (lambda k: None), (lambda: None)

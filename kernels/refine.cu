@@ -1,0 +1,256 @@
+// Correlation sums of refinement: the value, gradient and Gauss-Newton matrix
+// of the NCC between an experimental pattern and the pattern projected from a
+// master pattern, for a batch of (pattern, orientation, pattern centre) items.
+//
+// Contract (shared with the numba twin dpm.refine._refine_sums_numba):
+//   For item i with quaternion q_i (sample -> crystal, scalar first, R(q) its
+//   active rotation matrix), Bruker pattern centre pc_i and experimental row
+//   e = patterns[item_pattern[i], :] (zero mean, unit norm over the npix used
+//   pixels), and for every used pixel p with centre (cx_p, ry_p) in pixels:
+//     w   = x_d * S[0,:] + y_d * S[1,:] + z_d * S[2,:],
+//           x_d = (cx - PCx * sx) / sy, y_d = PCy - ry / sy, z_d = PCz
+//           (S: dpm.detector.sample_to_detector_matrix, row-major),
+//     v   = w / |w| (sample frame), u = R(q_i) v (crystal frame),
+//     I   = bilinear lookup of the master pattern at u (Lambert square of
+//           the hemisphere holding u: northern when u_z >= 0),
+//     g   = tangential gradient of the interpolated master pattern at u,
+//           from the bilinearly interpolated Lambert gradient maps
+//           (dI/da, dI/db) and the Lambert map differentiated along two
+//           tangent directions by forward differences of step h (radians),
+//     D_0..2 = dI / d(delta_j) = (u x g)_j for a crystal-frame rotation
+//           q -> exp(delta) q (u -> u + delta x u),
+//     D_3..5 = dI / dPC_k = (R^T g) . dv/dPC_k.
+//   out[i, :] (float64, 42 values) = sum over p of
+//     [I, I^2, e I, D_j (6), I D_j (6), e D_j (6), D_j D_k (21, j <= k, row-major)].
+//   dpm/refine.py turns them into the NCC, its gradient and J^T J.
+//
+// Layout: tables (2, side, side, 4) float32: hemisphere (north, south) x
+//   Lambert row (b) x Lambert column (a) x channel (I, dI/da, dI/db, 0), so
+//   the three channels of a grid node are one aligned 16-byte load;
+//   S (9,) float32; pixels (npix, 2) float32 (cx, ry); patterns (n, npix)
+//   float32; item_pattern (m,) int32; quaternions (m, 4) float32;
+//   pcs (m, 3) float32; out (m, 42) float64. All C-contiguous.
+//
+// Launch geometry (set in dpm/refine.py, _refine_sums_cuda):
+//   grid  = m blocks, block i owns item i (one refinement candidate);
+//   block = B threads, B a power of two (128 for real patterns): thread t
+//           walks pixels t, t + B, ... (coalesced loads of pixel centres and
+//           of the experimental row), keeping its 42 partial sums in
+//           registers (double: the NCC normalisation subtracts nearly equal
+//           sums); then a shared-memory tree reduction (42 * B doubles of
+//           dynamic shared memory: 43 KB at B = 128) and thread 0 writes the row.
+//
+// Expected H100 cost per item of P pixels (P = 3600 for 60 x 60):
+//   FLOPs ~200 per pixel (3 Lambert maps with sqrt + atan, 12-channel
+//   bilinear, tangent basis, 42 FMAs into double sums) -> ~0.7 MFLOP per
+//   item; double adds run at half the fp32 rate on an H100, so ~30 TFLOP/s
+//   effective -> ~4e7 items/s of arithmetic. Bytes: experimental row 4 B and
+//   pixel centre 8 B per pixel from DRAM/L2 (43 KB per item); master gathers
+//   4 x 16 B per pixel (~230 KB per item from the L2-resident 4 MB tables at
+//   npx 250). The gathers bound it at ~2e7 items/s, so one refinement
+//   iteration of a 1e6-pattern map takes ~50 ms.
+
+#ifndef DPM_HOST_SHIM
+#define DPM_DYNAMIC_SHARED(T, name) \
+    extern __shared__ __align__(16) unsigned char dpm_dynamic_shared_[]; \
+    T* name = reinterpret_cast<T*>(dpm_dynamic_shared_)
+#endif
+
+// Number of sums per item; must equal N_SUMS in dpm/refine.py.
+#define REFINE_N_SUMS 42
+
+// Square Lambert coordinates (a, b) of a unit vector on the hemisphere of
+// sign s (+1 north, -1 south); continues smoothly a little past the equator,
+// so forward differences of a point near it stay on one chart.
+__device__ inline void refine_lambert(float x, float y, float z, float s, float* a, float* b)
+{
+    const float rr = x * x + y * y;
+    if (rr == 0.0f) {
+        *a = 0.0f;
+        *b = 0.0f;
+        return;
+    }
+    const float r = sqrtf(2.0f * rr / (1.0f + s * z));
+    const float k = 0.9003163161571061f;  // 2 sqrt(2) / pi
+    const float inv_sqrt2 = 0.7071067811865476f;
+    if (fabsf(y) <= fabsf(x)) {
+        const float q = x >= 0.0f ? r : -r;
+        *a = q * inv_sqrt2;
+        *b = q * k * atanf(y / x);
+    } else {
+        const float q = y >= 0.0f ? r : -r;
+        *a = q * k * atanf(x / y);
+        *b = q * inv_sqrt2;
+    }
+}
+
+// Bilinear lookup of the three channels (I, dI/da, dI/db) of one hemisphere.
+__device__ inline float4 refine_bilinear(const float4* __restrict__ table, int side, float a, float b)
+{
+    const float npx = 0.5f * (float)(side - 1);
+    const float last = (float)(side - 1);
+    const float xp = fminf(fmaxf(npx * a + npx, 0.0f), last);
+    const float yp = fminf(fmaxf(npx * b + npx, 0.0f), last);
+    const int c0 = (int)xp;
+    const int r0 = (int)yp;
+    const int c1 = c0 + 1 < side ? c0 + 1 : c0;
+    const int r1 = r0 + 1 < side ? r0 + 1 : r0;
+    const float dx = xp - (float)c0;
+    const float dy = yp - (float)r0;
+    const float w00 = (1.0f - dy) * (1.0f - dx);
+    const float w10 = dy * (1.0f - dx);
+    const float w01 = (1.0f - dy) * dx;
+    const float w11 = dy * dx;
+    const float4 t00 = table[r0 * side + c0];
+    const float4 t10 = table[r1 * side + c0];
+    const float4 t01 = table[r0 * side + c1];
+    const float4 t11 = table[r1 * side + c1];
+    return make_float4(w00 * t00.x + w10 * t10.x + w01 * t01.x + w11 * t11.x,
+                       w00 * t00.y + w10 * t10.y + w01 * t01.y + w11 * t11.y,
+                       w00 * t00.z + w10 * t10.z + w01 * t01.z + w11 * t11.z,
+                       0.0f);
+}
+
+// Derivative of the interpolated master pattern along unit tangent t at u.
+__device__ inline float refine_directional(float ux, float uy, float uz, float tx, float ty,
+                                           float tz, float s, float h, float a, float b,
+                                           float ga, float gb)
+{
+    const float inv = 1.0f / sqrtf(1.0f + h * h);
+    float a1, b1;
+    refine_lambert((ux + h * tx) * inv, (uy + h * ty) * inv, (uz + h * tz) * inv, s, &a1, &b1);
+    return (ga * (a1 - a) + gb * (b1 - b)) / h;
+}
+
+extern "C" __global__ void __launch_bounds__(256) refine_sums(
+    const float* __restrict__ tables,
+    const int side,
+    const float* __restrict__ S,
+    const float* __restrict__ pixels,
+    const int npix,
+    const float sx,
+    const float sy,
+    const float* __restrict__ patterns,
+    const int* __restrict__ item_pattern,
+    const float* __restrict__ quaternions,
+    const float* __restrict__ pcs,
+    const int m,
+    const float h,
+    double* __restrict__ out)
+{
+    DPM_DYNAMIC_SHARED(double, partial);  // [REFINE_N_SUMS][blockDim.x]
+    const int item = blockIdx.x;
+    const int tid = threadIdx.x;
+    const int nthreads = blockDim.x;
+    if (item >= m) {
+        return;  // whole block leaves together: no barrier is skipped by part of it
+    }
+
+    const float* q = quaternions + 4 * item;
+    const float qa = q[0], qb = q[1], qc = q[2], qd = q[3];
+    const float qs = 1.0f / (qa * qa + qb * qb + qc * qc + qd * qd);
+    const float r00 = (qa * qa + qb * qb - qc * qc - qd * qd) * qs;
+    const float r01 = 2.0f * (qb * qc - qa * qd) * qs;
+    const float r02 = 2.0f * (qa * qc + qb * qd) * qs;
+    const float r10 = 2.0f * (qa * qd + qb * qc) * qs;
+    const float r11 = (qa * qa - qb * qb + qc * qc - qd * qd) * qs;
+    const float r12 = 2.0f * (qc * qd - qa * qb) * qs;
+    const float r20 = 2.0f * (qb * qd - qa * qc) * qs;
+    const float r21 = 2.0f * (qa * qb + qc * qd) * qs;
+    const float r22 = (qa * qa - qb * qb - qc * qc + qd * qd) * qs;
+    const float pcx = pcs[3 * item], pcy = pcs[3 * item + 1], pcz = pcs[3 * item + 2];
+    // dw/dPC_k: -(sx/sy) S[0,:], S[1,:], S[2,:].
+    const float ratio = sx / sy;
+    const float dw[3][3] = {{-ratio * S[0], -ratio * S[1], -ratio * S[2]},
+                            {S[3], S[4], S[5]},
+                            {S[6], S[7], S[8]}};
+    const float* e_row = patterns + (size_t)item_pattern[item] * npix;
+    const float4* north = reinterpret_cast<const float4*>(tables);
+    const float4* south = north + (size_t)side * side;
+
+    double acc[REFINE_N_SUMS];
+    for (int j = 0; j < REFINE_N_SUMS; ++j) {
+        acc[j] = 0.0;
+    }
+    for (int p = tid; p < npix; p += nthreads) {
+        const float xd = (pixels[2 * p] - pcx * sx) / sy;
+        const float yd = pcy - pixels[2 * p + 1] / sy;
+        const float wx = xd * S[0] + yd * S[3] + pcz * S[6];
+        const float wy = xd * S[1] + yd * S[4] + pcz * S[7];
+        const float wz = xd * S[2] + yd * S[5] + pcz * S[8];
+        const float wn = sqrtf(wx * wx + wy * wy + wz * wz);
+        const float vx = wx / wn, vy = wy / wn, vz = wz / wn;
+        const float ux = r00 * vx + r01 * vy + r02 * vz;
+        const float uy = r10 * vx + r11 * vy + r12 * vz;
+        const float uz = r20 * vx + r21 * vy + r22 * vz;
+        const float s = uz >= 0.0f ? 1.0f : -1.0f;
+        float a, b;
+        refine_lambert(ux, uy, uz, s, &a, &b);
+        const float4 t = refine_bilinear(s > 0.0f ? north : south, side, a, b);
+        // Tangent basis: t1 = e x u / |e x u| with e the axis least aligned with u; t2 = u x t1.
+        const float ax = fabsf(ux), ay = fabsf(uy), az = fabsf(uz);
+        float t1x, t1y, t1z;
+        if (ax <= ay && ax <= az) {         // e = x: e x u = (0, -uz, uy)
+            t1x = 0.0f; t1y = -uz; t1z = uy;
+        } else if (ay <= az) {              // e = y: e x u = (uz, 0, -ux)
+            t1x = uz; t1y = 0.0f; t1z = -ux;
+        } else {                            // e = z: e x u = (-uy, ux, 0)
+            t1x = -uy; t1y = ux; t1z = 0.0f;
+        }
+        const float tn = 1.0f / sqrtf(t1x * t1x + t1y * t1y + t1z * t1z);
+        t1x *= tn; t1y *= tn; t1z *= tn;
+        const float t2x = uy * t1z - uz * t1y;
+        const float t2y = uz * t1x - ux * t1z;
+        const float t2z = ux * t1y - uy * t1x;
+        const float d1 = refine_directional(ux, uy, uz, t1x, t1y, t1z, s, h, a, b, t.y, t.z);
+        const float d2 = refine_directional(ux, uy, uz, t2x, t2y, t2z, s, h, a, b, t.y, t.z);
+        const float gx = d1 * t1x + d2 * t2x;
+        const float gy = d1 * t1y + d2 * t2y;
+        const float gz = d1 * t1z + d2 * t2z;
+        float D[6];
+        D[0] = uy * gz - uz * gy;
+        D[1] = uz * gx - ux * gz;
+        D[2] = ux * gy - uy * gx;
+        // Gradient in the sample frame: R^T g.
+        const float gsx = r00 * gx + r10 * gy + r20 * gz;
+        const float gsy = r01 * gx + r11 * gy + r21 * gz;
+        const float gsz = r02 * gx + r12 * gy + r22 * gz;
+        const float gv = gsx * vx + gsy * vy + gsz * vz;
+        for (int k = 0; k < 3; ++k) {
+            const float gdw = gsx * dw[k][0] + gsy * dw[k][1] + gsz * dw[k][2];
+            const float vdw = vx * dw[k][0] + vy * dw[k][1] + vz * dw[k][2];
+            D[3 + k] = (gdw - gv * vdw) / wn;
+        }
+        const double value = (double)t.x;
+        const double e = (double)e_row[p];
+        acc[0] += value;
+        acc[1] += value * value;
+        acc[2] += e * value;
+        int c = 21;
+        for (int j = 0; j < 6; ++j) {
+            const double dj = (double)D[j];
+            acc[3 + j] += dj;
+            acc[9 + j] += value * dj;
+            acc[15 + j] += e * dj;
+            for (int k = j; k < 6; ++k) {
+                acc[c++] += dj * (double)D[k];
+            }
+        }
+    }
+    for (int j = 0; j < REFINE_N_SUMS; ++j) {
+        partial[j * nthreads + tid] = acc[j];
+    }
+    __syncthreads();
+    // Tree reduction in shared memory (blockDim.x is a power of two).
+    for (int stride = nthreads / 2; stride > 0; stride /= 2) {
+        if (tid < stride) {
+            for (int j = 0; j < REFINE_N_SUMS; ++j) {
+                partial[j * nthreads + tid] += partial[j * nthreads + tid + stride];
+            }
+        }
+        __syncthreads();
+    }
+    if (tid < REFINE_N_SUMS) {
+        out[(size_t)item * REFINE_N_SUMS + tid] = partial[tid * nthreads];
+    }
+}
