@@ -17,7 +17,19 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 _INDEX_OPTIONS = ("phase", "master_pattern", "pc", "pc_convention", "sample_tilt",
                   "detector_tilt", "resolution", "refine", "device", "memory_budget",
-                  "kv", "npx", "keep", "method")
+                  "kv", "npx", "keep", "method", "mask")
+#: Command-line flags that set a field of a nested config table: flag -> (table, field).
+_TABLE_OPTIONS = {
+    "binning": ("preprocess", "binning"),
+    "dynamic_background": ("preprocess", "dynamic_sigma"),
+    "gaussian": ("preprocess", "gaussian_sigma"),
+    "average_neighbours": ("preprocess", "neighbour_sigma"),
+    "refine_pc": ("refinement", "pattern_centre"),
+    "zero_solution_threshold": ("zero_solutions", "threshold"),
+    "band_contrast_threshold": ("zero_solutions", "band_contrast_threshold"),
+    "grid": ("zero_solutions", "grid"),
+}
+_TABLES = ("preprocess", "refinement", "zero_solutions")
 
 
 class UsageError(ValueError):
@@ -65,6 +77,25 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--method", choices=("dynamical", "kinematical"),
                    help="master-pattern simulation method (default dynamical)")
     i.add_argument("--keep", type=int, help="best matches kept per pattern (default 10)")
+    i.add_argument("--mask", help="signal mask: none (default), circular, shadow (from the "
+                   "static background) or an image file (.png/.npy)")
+    i.add_argument("--binning", type=int, help="bin patterns by this factor (default 1)")
+    i.add_argument("--dynamic-background", type=float, metavar="SIGMA",
+                   help="remove a dynamic background: Gaussian blur of σ pixels")
+    i.add_argument("--gaussian", type=float, metavar="SIGMA",
+                   help="Gaussian filter of each pattern, σ in pixels (the sodium step)")
+    i.add_argument("--average-neighbours", type=float, metavar="SIGMA",
+                   help="average neighbouring patterns with a Gaussian window of σ map pixels")
+    i.add_argument("--refine-pc", choices=("fixed", "shared", "pattern"),
+                   help="pattern centre in refinement: fixed (default), one shared PC fitted "
+                   "for the map, or per pattern")
+    i.add_argument("--no-zero-solutions", dest="zero_solutions", action="store_false",
+                   default=None, help="keep zero solutions as matched (no neighbour replacement)")
+    i.add_argument("--zero-solution-threshold", type=float, metavar="NCC",
+                   help="NCC below which a pixel is a zero solution (default: from the map)")
+    i.add_argument("--band-contrast-threshold", type=float, metavar="BC",
+                   help="zero solutions are replaced only above this band contrast (default 10)")
+    i.add_argument("--grid", choices=("square", "hexagonal"), help="map grid (default square)")
 
     f = sub.add_parser("info", help="what dpm sees in a pattern or master-pattern file")
     f.add_argument("file")
@@ -83,7 +114,7 @@ def _load_toml(path: str) -> dict[str, Any]:
         raise UsageError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
-    unknown = set(data) - set(_INDEX_OPTIONS) - {"preprocess", "chunk_size"}
+    unknown = set(data) - set(_INDEX_OPTIONS) - set(_TABLES) - {"chunk_size"}
     if unknown:
         raise UsageError(f"config file {path}: unknown option(s) {sorted(unknown)}")
     return data
@@ -96,6 +127,14 @@ def _index_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         options.update(_load_toml(args.config))
     options.update({k: getattr(args, k) for k in _INDEX_OPTIONS if getattr(args, k) is not None})
+    for flag, (table, name) in _TABLE_OPTIONS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            options.setdefault(table, {})[name] = value
+    if flag_value := getattr(args, "dynamic_background"):
+        options["preprocess"]["dynamic_background"] = bool(flag_value)
+    if args.zero_solutions is False:
+        options["zero_solutions"] = None
     return options
 
 
@@ -106,8 +145,10 @@ def _run_index(args: argparse.Namespace) -> int:
     from dpm.detector import Detector
     from dpm.io.readers import read_patterns
     from dpm.io.writers import prepare_output_dir, write_index_outputs
+    from dpm.cleanup import ZeroSolutionConfig
     from dpm.pipeline import IndexConfig, index
     from dpm.preprocess import PreprocessConfig
+    from dpm.refine import RefineConfig
 
     opts = _index_options(args)
     out = prepare_output_dir(args.out)
@@ -119,18 +160,29 @@ def _run_index(args: argparse.Namespace) -> int:
     else:
         det = stack.detector
     fields = {k: opts[k] for k in ("kv", "npx", "method", "resolution", "keep", "refine",
-                                   "device", "chunk_size") if k in opts}
+                                   "device", "chunk_size", "mask") if k in opts}
     if "memory_budget" in opts:
         fields["memory_budget"] = backend.parse_bytes(opts["memory_budget"])
-    if "preprocess" in opts:
-        fields["preprocess"] = PreprocessConfig(**opts["preprocess"])
+    for table, cls in (("preprocess", PreprocessConfig), ("refinement", RefineConfig),
+                       ("zero_solutions", ZeroSolutionConfig)):
+        if table in opts:
+            try:
+                fields[table] = None if opts[table] is None else cls(**opts[table])
+            except TypeError as e:
+                raise UsageError(f"[{table}] options: {e}") from None
+    if fields.get("refine") is False and "zero_solutions" not in fields:
+        fields["zero_solutions"] = None
     config = IndexConfig(**fields)
     result = index(stack, phase=opts["phase"], detector=det,
                    master_pattern=opts.get("master_pattern"), config=config,
                    progress=not args.quiet)
     write_index_outputs(result, out)
     s = result.scores
-    print(f"indexed {s.size} patterns against {result.dictionary_size} orientations in "
+    indexed = int((result.xmap.phase_id >= 0).sum())
+    zs = result.details.get("zero_solutions")
+    replaced = f", {zs['replaced']} zero solutions replaced from neighbours" if zs else ""
+    print(f"indexed {indexed} of {s.size} patterns against {result.dictionary_size} orientations"
+          f"{' (refined)' if result.refined else ''}{replaced} in "
           f"{result.timings['total']:.1f} s; mean NCC {float(np.mean(s)):.3f}; results in {out}")
     return EXIT_OK
 

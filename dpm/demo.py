@@ -66,18 +66,27 @@ def run_demo(out: str | Path = "dpm-demo", device: str | None = None, progress: 
     best = result.xmap.rotations.data.reshape(smap.patterns.shape[0] * smap.patterns.shape[1], -1, 4)[:, 0]
     angle = disorientation(best, smap.quaternions, master.phase.point_group)
     diff = smap.diffracting.ravel()
+    indexed = np.asarray(result.xmap.phase_id >= 0)
     within = float((angle[diff] <= 2.0).mean())
     accuracy = {
         "fraction_within_2deg": within,
         "mean_disorientation_deg": float(angle[diff].mean()),
+        "median_disorientation_deg": float(np.median(angle[diff])),
+        "p95_disorientation_deg": float(np.percentile(angle[diff], 95)),
         "score_diffracting_mean": float(result.scores.ravel()[diff].mean()),
         "score_pores_max": float(result.scores.ravel()[~diff].max()) if (~diff).any() else None,
+        "pores_left_unindexed": int((~indexed[~diff]).sum()),
+        "pores": int((~diff).sum()),
     }
     write_index_outputs(result, out, extra_summary={"truth": accuracy})
+    zs = result.details.get("zero_solutions", {})
     return (f"dpm demo: {diff.sum()} diffracting pixels of {diff.size}: "
             f"{100 * within:.1f}% within 2 deg of the truth "
-            f"(mean disorientation {accuracy['mean_disorientation_deg']:.2f} deg); "
-            f"mean NCC {accuracy['score_diffracting_mean']:.3f} on grains, "
-            f"max {accuracy['score_pores_max']:.3f} in pores; "
+            f"(mean disorientation {accuracy['mean_disorientation_deg']:.2f} deg, "
+            f"median {accuracy['median_disorientation_deg']:.2f}, "
+            f"95th percentile {accuracy['p95_disorientation_deg']:.2f}); "
+            f"mean NCC {accuracy['score_diffracting_mean']:.3f} on grains; "
+            f"{zs.get('replaced', 0)} zero solutions replaced from neighbours, "
+            f"{accuracy['pores_left_unindexed']} of {accuracy['pores']} pore pixels left unindexed; "
             f"{result.dictionary_size} dictionary orientations; "
             f"{result.timings['total']:.1f} s; results in {Path(out).resolve()}")

@@ -2,14 +2,22 @@
 
 :func:`index` strings the stages together from one :class:`IndexConfig`:
 
-1. read the stack lazily (:mod:`dpm.io.readers`) and check it against the detector;
-2. remove the static background and normalise every pattern, chunk by chunk
+1. read the stack lazily (:mod:`dpm.io.readers`) and check it against the
+   detector; resolve the signal mask (given, circular, detector shadow, image);
+2. preprocess every pattern chunk by chunk — static and dynamic background,
+   binning, Gaussian filter, neighbour averaging, rescaling — and normalise it
    (:mod:`dpm.preprocess`, :func:`dpm.match.prepare_patterns`);
-3. take the master pattern given, read it from a file, or simulate it (:mod:`dpm.master`);
-4. sample the fundamental zone (:mod:`dpm.sampling`) and match every pattern
+3. band contrast and image quality of every pattern (:mod:`dpm.quality`), or
+   the band contrast stored in the file;
+4. take the master pattern given, read it from a file, or simulate it (:mod:`dpm.master`);
+5. sample the fundamental zone (:mod:`dpm.sampling`) and match every pattern
    against the dictionary projected chunk by chunk (:mod:`dpm.dictionary`,
    :mod:`dpm.match`), keeping the best ``keep`` matches;
-5. return the map with scores, top-k indices and timings.
+6. refine the orientation (and optionally the pattern centre) of every
+   pattern from its best matches (:mod:`dpm.refine`);
+7. find zero solutions and replace those that diffract (band contrast above
+   the threshold) from their neighbours (:mod:`dpm.cleanup`);
+8. return the map with every per-pixel property, timings and stage records.
 
 The CLI (:mod:`dpm.cli`) is a thin shell over this module.
 """
@@ -19,14 +27,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dpm import backend
+from dpm.cleanup import ZeroSolutionConfig
 from dpm.preprocess import PreprocessConfig
+from dpm.refine import RefineConfig
 
 log = logging.getLogger("dpm")
 
@@ -57,8 +67,17 @@ class IndexConfig:
         approximate what binned camera pixels record and stay representative
         across their cell.
     refine
-        Refine orientations after matching (the refinement stage is not built
-        yet: the result records ``refined = False``).
+        Refine orientations after matching (:mod:`dpm.refine`), starting from
+        the best ``keep`` matches, with the sharp master pattern.
+    refinement
+        Refinement options (pattern-centre mode, starts, trust region, tolerances).
+    zero_solutions
+        Zero-solution detection and neighbour replacement options
+        (:mod:`dpm.cleanup`; needs ``refine``); None skips the stage.
+    mask
+        Signal mask when the call gives none: ``"none"``, ``"circular"``,
+        ``"shadow"`` (estimated from the static background) or an image path
+        (.png or .npy; bright/True = used).
     device
         ``"auto"``, ``"cpu"`` or ``"gpu"``.
     memory_budget
@@ -76,6 +95,9 @@ class IndexConfig:
     keep: int = 10
     pixel_integration: bool = True
     refine: bool = True
+    refinement: RefineConfig = field(default_factory=RefineConfig)
+    zero_solutions: ZeroSolutionConfig | None = field(default_factory=ZeroSolutionConfig)
+    mask: str = "none"
     device: str = "auto"
     memory_budget: int | None = None
     chunk_size: int = 4096
@@ -90,6 +112,9 @@ class IndexConfig:
             raise ValueError(f"keep must be at least 1, got {self.keep}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.zero_solutions is not None and not self.refine:
+            raise ValueError("zero-solution replacement needs refinement: set zero_solutions=None "
+                             "with refine=False")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for ``config.toml`` and ``summary.json``)."""
@@ -118,6 +143,11 @@ class IndexResult:
         The resolved configuration.
     source
         Where the patterns came from.
+    band_contrast : (ny, nx) float32 array
+        Band contrast (0–255) of every pattern.
+    details
+        Stage records for ``summary.json``: preprocessing steps, pattern
+        centre used, zero-solution thresholds and counts.
     """
 
     xmap: Any
@@ -127,6 +157,8 @@ class IndexResult:
     timings: dict[str, float]
     config: IndexConfig
     source: str = "array"
+    band_contrast: np.ndarray | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Map-level numbers for ``summary.json``."""
@@ -139,9 +171,10 @@ class IndexResult:
             "dictionary_size": self.dictionary_size,
             "refined": self.refined,
             "score_mean": float(self.scores[readable.reshape(self.scores.shape)].mean()),
+            "indexed_patterns": int((self.xmap.phase_id >= 0).sum()),
             "timings_s": self.timings,
             "phase": self.xmap.phases[0].name,
-        }
+        } | self.details
 
 
 def _resolve_master(phase: Any, master_pattern: Any, config: IndexConfig):
@@ -164,7 +197,7 @@ def _resolve_master(phase: Any, master_pattern: Any, config: IndexConfig):
 
 
 def prepare_stack(stack, detector, *, mask: np.ndarray | None, config: IndexConfig,
-                  background: np.ndarray | None, xp) -> tuple[Any, np.ndarray]:
+                  background: np.ndarray | None, xp, progress: bool = False) -> tuple[Any, np.ndarray]:
     """Preprocess and normalise every pattern of a stack, chunk by chunk.
 
     Runs :func:`dpm.preprocess.preprocess_stack` with ``config.preprocess``
@@ -188,6 +221,8 @@ def prepare_stack(stack, detector, *, mask: np.ndarray | None, config: IndexConf
         Static background, used with ``static_background="given"``.
     xp
         Array module of the output.
+    progress
+        Show a progress bar over the chunks.
 
     Returns
     -------
@@ -213,6 +248,10 @@ def prepare_stack(stack, detector, *, mask: np.ndarray | None, config: IndexConf
     readable = np.zeros(ny * nx, dtype=bool)
     chunks = preprocess_stack(stack, pre, mask=mask, xp=xp, chunk_size=config.chunk_size,
                               background=background if pre.static_background == "given" else None)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="preprocess", unit="chunk")
     for start, patterns, ok in chunks:
         if not ok.any():
             continue
@@ -231,6 +270,85 @@ def prepare_stack(stack, detector, *, mask: np.ndarray | None, config: IndexConf
     return out, readable
 
 
+def _resolve_mask(spec: str, stack, config: IndexConfig, background: np.ndarray | None,
+                  mask: np.ndarray | None) -> np.ndarray | None:
+    """The raw-shape signal mask: the caller's array, else ``config.mask``."""
+    from dpm.preprocess import circular_mask, mask_from_image, resolve_static_background, shadow_mask
+
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != stack.pattern_shape:
+            raise ValueError(f"signal mask shape {mask.shape} differs from the pattern shape "
+                             f"{stack.pattern_shape}")
+        if not mask.any():
+            raise ValueError("signal mask hides every detector pixel")
+        return mask
+    if spec == "none":
+        return None
+    if spec == "circular":
+        return circular_mask(stack.pattern_shape)
+    if spec == "shadow":
+        bg = background if background is not None else stack.static_background
+        if bg is None:
+            bg = resolve_static_background(stack, replace(config.preprocess, static_background="mean"),
+                                           chunk_size=config.chunk_size)
+        return shadow_mask(bg)
+    return mask_from_image(spec, shape=stack.pattern_shape)
+
+
+def _full_patterns(xp, rows: Any, index: np.ndarray | None, shape: tuple[int, int]) -> Any:
+    """(k, sy, sx) patterns from masked rows (0 outside the mask)."""
+    if index is None:
+        return rows.reshape(rows.shape[0], *shape)
+    full = xp.zeros((rows.shape[0], shape[0] * shape[1]), dtype=xp.float32)
+    full[:, xp.asarray(index)] = rows
+    return full.reshape(rows.shape[0], *shape)
+
+
+def pattern_quality_maps(rows: Any, detector, mask: np.ndarray | None, chunk_size: int,
+                         progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Band contrast (0–255) and image quality of every preprocessed pattern.
+
+    Parameters
+    ----------
+    rows : (n, npix) array
+        Normalised rows over ``mask`` (as :func:`prepare_stack` returns them).
+    detector
+        Detector of the preprocessed patterns (sets their shape).
+    mask
+        Signal mask of the rows.
+    chunk_size
+        Patterns per chunk.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    band_contrast, quality : (n,) float32 host arrays
+    """
+    from dpm.quality import band_contrast, pattern_quality
+
+    xp = backend.namespace(rows)
+    index = None if mask is None else np.flatnonzero(mask)
+    n = rows.shape[0]
+    bc = np.zeros(n, dtype=np.float32)
+    iq = np.zeros(n, dtype=np.float32)
+    for start in _progress_range(n, chunk_size, "band contrast", progress):
+        full = _full_patterns(xp, rows[start:start + chunk_size], index, detector.shape)
+        bc[start:start + len(full)] = backend.to_host(band_contrast(full, mask=mask))
+        iq[start:start + len(full)] = backend.to_host(pattern_quality(full))
+    return bc, iq
+
+
+def _progress_range(n: int, step: int, desc: str, progress: bool):
+    starts = range(0, n, step)
+    if not progress:
+        return starts
+    from tqdm.auto import tqdm
+
+    return tqdm(starts, desc=desc, unit="chunk")
+
+
 def index(
     patterns: Any,
     phase: Any = "li",
@@ -243,7 +361,7 @@ def index(
     config: IndexConfig | None = None,
     progress: bool = False,
 ) -> IndexResult:
-    """Index a stack of EBSD patterns by dictionary matching.
+    """Index a stack of EBSD patterns: preprocess, match, refine, replace zero solutions.
 
     Parameters
     ----------
@@ -255,13 +373,14 @@ def index(
         ``"li"``, ``"na"``, ``"al"``, ``"cu"``, a CIF path or an orix ``Phase``
         (ignored when ``master_pattern`` is given: its phase is used).
     detector
-        dpm ``Detector`` or kikuchipy ``EBSDDetector``; when None, the one
-        stored in the pattern file.
+        dpm ``Detector`` or kikuchipy ``EBSDDetector`` of the raw (unbinned)
+        patterns; when None, the one stored in the pattern file.
     master_pattern
         A :class:`~dpm.master.MasterPattern`, a master-pattern file, or None to
         simulate one for ``phase``.
     mask : (sy, sx) bool array, optional
-        Signal mask, True where detector pixels are used.
+        Signal mask of the raw patterns, True where detector pixels are used
+        (overrides ``config.mask``).
     background : (sy, sx) array, optional
         Static background (with ``config.preprocess.static_background="given"``).
     step_size
@@ -269,7 +388,7 @@ def index(
     config
         Options; defaults as the CLI.
     progress
-        Show progress bars.
+        Show a progress bar per stage.
 
     Returns
     -------
@@ -278,11 +397,14 @@ def index(
     from orix.crystal_map import CrystalMap, PhaseList
     from orix.quaternion import Rotation
 
+    from dpm.cleanup import replace_zero_solutions
     from dpm.detector import as_detector
     from dpm.dictionary import Dictionary
     from dpm.io.readers import as_pattern_stack, read_patterns
     from dpm.match import MatchConfig, match
+    from dpm.preprocess import bin_mask, binned_detector
     from dpm.projection import integrate_pixels
+    from dpm.refine import refine, refinement_master
     from dpm.sampling import sample_orientations
 
     config = config or IndexConfig()
@@ -298,32 +420,36 @@ def index(
     if tuple(det.shape) != stack.pattern_shape:
         raise ValueError(f"{stack.source}: pattern shape {stack.pattern_shape} does not match the "
                          f"detector shape {tuple(det.shape)}")
-    if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != stack.pattern_shape:
-            raise ValueError(f"signal mask shape {mask.shape} differs from the pattern shape "
-                             f"{stack.pattern_shape}")
-        if not mask.any():
-            raise ValueError("signal mask hides every detector pixel")
+    raw_mask = _resolve_mask(config.mask, stack, config, background, mask)
     xp = backend.array_module(config.device)
+    binning = config.preprocess.binning
+    det_used = binned_detector(det, binning) if binning > 1 else det
+    mask_used = bin_mask(raw_mask, binning) if raw_mask is not None else None
 
     t = time.perf_counter()
     master = _resolve_master(phase, master_pattern, config)
     timings["master_pattern"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    rows, readable = prepare_stack(stack, det, mask=mask, config=config,
-                                   background=background, xp=xp)
+    rows, readable = prepare_stack(stack, det, mask=raw_mask, config=config,
+                                   background=background, xp=xp, progress=progress)
     timings["preprocess"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    bc, iq = pattern_quality_maps(rows, det_used, mask_used, config.chunk_size, progress)
+    if stack.band_contrast is not None:  # the acquisition software's own, when the file has it
+        bc = np.asarray(stack.band_contrast, dtype=np.float32).ravel()
+    timings["band_contrast"] = time.perf_counter() - t
 
     t = time.perf_counter()
     rotations = sample_orientations(master.phase, config.resolution)
     timings["sampling"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    dict_master = master
     if config.pixel_integration:
-        master = integrate_pixels(master, det, orientation_spread=config.resolution / 2)
-    dictionary = Dictionary(master, det, rotations.data.astype(np.float32), mask=mask)
+        dict_master = integrate_pixels(master, det_used, orientation_spread=config.resolution / 2)
+    dictionary = Dictionary(dict_master, det_used, rotations.data.astype(np.float32), mask=mask_used)
     result = match(rows, dictionary, config=MatchConfig(
         keep=config.keep, memory_budget=config.memory_budget, progress=progress))
     timings["match"] = time.perf_counter() - t
@@ -331,26 +457,59 @@ def index(
              len(readable), len(dictionary), timings["match"])
 
     indices = backend.to_host(result.indices)
-    scores = backend.to_host(result.scores).astype(np.float32)
-    scores[~readable] = 0.0
+    dict_scores = backend.to_host(result.scores).astype(np.float32)
+    dict_scores[~readable] = 0.0
+    n = len(readable)
     ny, nx = stack.map_shape
+    topk = dictionary.quaternions[indices].astype(np.float64)   # (n, keep, 4)
+    props: dict[str, np.ndarray] = {"readable": readable, "band_contrast": bc,
+                                    "pattern_quality": iq}
+    details: dict[str, Any] = {"preprocessing": config.preprocess.steps(stack.pattern_shape)}
+    if config.refine:
+        t = time.perf_counter()
+        rmaster = refinement_master(master, det_used)
+        refined = refine(rows, rmaster, det_used, topk, mask=mask_used, valid=readable,
+                         config=config.refinement, progress=progress)
+        timings["refine"] = time.perf_counter() - t
+        quaternions, scores = refined.quaternions, refined.scores
+        details["pattern_centre"] = refined.pcs.mean(axis=0).tolist()
+        props["refinement_iterations"] = refined.iterations
+        if config.refinement.pattern_centre == "pattern":
+            props.update(pcx=refined.pcs[:, 0], pcy=refined.pcs[:, 1], pcz=refined.pcs[:, 2])
+        indexed = readable.copy()
+        replaced = np.zeros(n, dtype=bool)
+        if config.zero_solutions is not None:
+            t = time.perf_counter()
+            zs = replace_zero_solutions(
+                rows, quaternions, scores, readable, bc, (ny, nx), rmaster,
+                replace(det_used, pc=tuple(refined.pcs.mean(axis=0))), mask=mask_used,
+                config=config.zero_solutions, refine_config=replace(config.refinement,
+                                                                    pattern_centre="fixed"))
+            timings["zero_solutions"] = time.perf_counter() - t
+            quaternions, scores, indexed, replaced = zs.quaternions, zs.scores, zs.indexed, zs.replaced
+            details["zero_solutions"] = {
+                "threshold": zs.threshold, "replace_threshold": zs.replace_threshold,
+                "zero_solutions": zs.n_zero_solutions, "replaced": zs.n_replaced,
+                "passes": zs.passes, "left_unindexed": int((~indexed).sum())}
+        props.update(scores=scores.astype(np.float32), replaced=replaced,
+                     dictionary_score=dict_scores[:, 0], simulation_index=indices[:, 0])
+        rotation_data = quaternions
+        phase_id = np.where(indexed, 0, -1)
+    else:
+        props.update(scores=dict_scores, simulation_indices=indices)
+        rotation_data = topk
+        phase_id = np.where(readable, 0, -1)
+        if config.keep == 1:  # orix writers expect one rotation per point as 1-D
+            rotation_data, props["scores"] = topk[:, 0], dict_scores[:, 0]
+            props["simulation_indices"] = indices[:, 0]
     step = step_size if step_size is not None else (stack.step_size or 1.0)
     y, x = np.divmod(np.arange(ny * nx), nx)
-    phase_id = np.where(readable, 0, -1)
-    if config.keep == 1:  # orix writers expect one rotation per point as 1-D
-        indices, scores = indices[:, 0], scores[:, 0]
     xmap = CrystalMap(
-        rotations=Rotation(dictionary.quaternions[indices].astype(np.float64)),
-        phase_id=phase_id,
-        x=x * step,
-        y=y * step,
-        phase_list=PhaseList(master.phase),
-        prop={"scores": scores, "simulation_indices": indices, "readable": readable},
-        scan_unit="um",
-    )
-    if config.refine:
-        log.info("orientation refinement is not available yet; reporting dictionary matches")
+        rotations=Rotation(rotation_data), phase_id=phase_id, x=x * step, y=y * step,
+        phase_list=PhaseList(master.phase), prop=props, scan_unit="um")
     timings["total"] = time.perf_counter() - t0
+    best = np.asarray(props["scores"]).reshape(n, -1)[:, 0]
     return IndexResult(
-        xmap=xmap, scores=scores.reshape(ny, nx, -1)[..., 0], dictionary_size=len(dictionary),
-        refined=False, timings=timings, config=config, source=stack.source)
+        xmap=xmap, scores=best.reshape(ny, nx), dictionary_size=len(dictionary),
+        refined=bool(config.refine), timings=timings, config=config, source=stack.source,
+        band_contrast=bc.reshape(ny, nx), details=details)

@@ -39,6 +39,10 @@ def smap(li_master, detector, grid):
     return synthetic_map(li_master, detector, config, grain_orientations=grid[picks])
 
 
+#: Dictionary matching alone (no refinement, no zero-solution replacement).
+DICTIONARY_ONLY = {"refine": False, "zero_solutions": None}
+
+
 def _best_quaternions(result):
     q = result.xmap.rotations.data
     return q.reshape(result.scores.size, -1, 4)[:, 0]
@@ -48,7 +52,8 @@ def _best_quaternions(result):
 def test_index_recovers_dictionary_orientations(smap, li_master, detector, device, request):
     if device == "gpu":
         request.getfixturevalue("gpu_standin")
-    config = IndexConfig(resolution=8.0, keep=3, device=device, pixel_integration=False)
+    config = IndexConfig(resolution=8.0, keep=3, device=device, pixel_integration=False,
+                         **DICTIONARY_ONLY)
     result = index(smap.patterns, detector=detector, master_pattern=li_master, config=config)
     diff = smap.diffracting.ravel()
     found = _best_quaternions(result)
@@ -65,7 +70,8 @@ def test_index_reads_npy_and_keeps_row_major_order(smap, li_master, detector, tm
     flat = smap.patterns.reshape(-1, 30, 30)
     np.save(path, flat)  # (n, sy, sx) stack: a 1 x n map
     result = index(path, detector=detector, master_pattern=li_master,
-                   config=IndexConfig(resolution=8.0, keep=1, pixel_integration=False))
+                   config=IndexConfig(resolution=8.0, keep=1, pixel_integration=False,
+                                      **DICTIONARY_ONLY))
     assert result.scores.shape == (1, flat.shape[0])
     dots = np.abs(np.sum(_best_quaternions(result) * smap.quaternions, axis=1))
     assert (dots[smap.diffracting.ravel()] > 1 - 1e-5).all()
@@ -113,7 +119,8 @@ def _accuracy(data_master, dictionary_master, seed=42):
     det = Detector(shape=(60, 60), pc=(0.49, 0.27, 0.58), sample_tilt=70)
     smap = synthetic_map(data_master, det, SyntheticConfig(map_shape=(40, 60), seed=seed))
     result = index(smap.patterns, detector=det, master_pattern=dictionary_master,
-                   config=IndexConfig(resolution=2.0, keep=1, memory_budget=2 * 1024**3))
+                   config=IndexConfig(resolution=2.0, keep=1, memory_budget=2 * 1024**3,
+                                      **DICTIONARY_ONLY))
     assert result.dictionary_size == 100_347
     diff = smap.diffracting.ravel()
     angles = disorientation(_best_quaternions(result), smap.quaternions,

@@ -86,6 +86,9 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     orix_io.save(str(paths[1]), xmap, confidence_index_prop="scores", overwrite=True)
     save_rgb(paths[2], ipf_colors(xmap, "z"))
     save_scalar(paths[3], result.scores, cmap="gray", vmin=0.0)
+    if result.band_contrast is not None:
+        paths.append(out / "band_contrast.png")
+        save_scalar(paths[-1], result.band_contrast, cmap="gray", vmin=0.0, vmax=255.0)
     summary = result.summary() | (extra_summary or {})
     paths[4].write_text(json.dumps(summary, indent=2) + "\n")
     paths[5].write_text(to_toml(result.config.to_dict()))

@@ -1,0 +1,181 @@
+"""Data for the refinement benches: a synthetic Li map, its truth and dictionary start.
+
+:func:`build_refine_data` draws a 20 x 20 synthetic Li map (60 x 60 px raw
+patterns; background, Poisson noise, blur, 3% pores) from the shipped 20 kV
+dynamical master pattern, with the PC of ``bench/test_bench_index.py``, and
+indexes it with :func:`dpm.index` (default :class:`~dpm.pipeline.IndexConfig`:
+2° dictionary filtered by pixel integration). The top-1 dictionary match of
+every pixel is the starting orientation every refiner gets.
+
+:func:`kikuchipy_inputs` turns that into what kikuchipy's
+``EBSD.refine_orientation`` takes, with the preprocessing dpm uses (mean
+pattern of the stack subtracted as the static background).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpm.detector import Detector
+from dpm.master import MasterPattern
+from dpm.synthetic import SyntheticConfig, SyntheticMap, synthetic_map
+
+KV = 20.0
+PC = (0.49, 0.27, 0.58)  # as bench/test_bench_index.py
+DETECTOR_SHAPE = (60, 60)
+MAP_SHAPE = (20, 20)
+SEED = 42
+
+
+@dataclass(frozen=True, eq=False)
+class RefineData:
+    """A synthetic map, its truth and the dictionary start for refinement.
+
+    Attributes
+    ----------
+    smap
+        The synthetic map: raw ``(ny, nx, sy, sx)`` uint8 patterns, true
+        quaternions ``(n, 4)`` and the ``diffracting`` mask ``(ny, nx)``.
+    master
+        The dpm master pattern the patterns were projected from (unfiltered).
+    detector
+        The dpm detector the patterns were projected with.
+    start : (n, 4) float64 array
+        Top-1 dictionary quaternion of every pixel (row-major map order).
+    start_topk : (n, keep, 4) float64 array
+        The best ``keep`` dictionary matches of every pixel, best first.
+    start_scores : (n,) float32 array
+        Its NCC score against the filtered dictionary.
+    dictionary_size
+        Orientations in the dictionary.
+    timings
+        Seconds: ``synthetic`` (drawing the map) and ``index`` (``dpm.index``).
+    """
+
+    smap: SyntheticMap
+    master: MasterPattern
+    detector: Detector
+    start: np.ndarray
+    start_topk: np.ndarray
+    start_scores: np.ndarray
+    dictionary_size: int
+    timings: dict[str, float]
+
+    @property
+    def n(self) -> int:
+        return int(self.start.shape[0])
+
+    @property
+    def truth(self) -> np.ndarray:
+        return self.smap.quaternions
+
+    @property
+    def diffracting(self) -> np.ndarray:
+        """(n,) bool: pixels outside pores, the only ones accuracy figures use."""
+        return self.smap.diffracting.ravel()
+
+    def accuracy(self, quaternions: np.ndarray) -> dict[str, float]:
+        """Disorientation (degrees, m-3m) to the truth over diffracting pixels."""
+        return disorientation_stats(quaternions, self.truth, self.master.phase.point_group,
+                                    self.diffracting)
+
+
+def disorientation_stats(q: np.ndarray, truth: np.ndarray, point_group,
+                         mask: np.ndarray | None = None) -> dict[str, float]:
+    """Mean, median, 95th percentile and max disorientation in degrees over ``mask``,
+    and how many pixels are off by more than 5° (wrong dictionary matches)."""
+    from orix.quaternion import Orientation
+
+    q = np.asarray(q, dtype=np.float64).reshape(-1, 4)
+    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
+    if mask is not None:
+        q, truth = q[mask], truth[mask]
+    angles = np.asarray(Orientation(q, symmetry=point_group).angle_with(
+        Orientation(truth, symmetry=point_group), degrees=True))
+    return {"mean_deg": float(angles.mean()), "median_deg": float(np.median(angles)),
+            "p95_deg": float(np.percentile(angles, 95)), "max_deg": float(angles.max()),
+            "over_5deg": int((angles > 5).sum())}
+
+
+def build_refine_data(map_shape: tuple[int, int] = MAP_SHAPE, seed: int = SEED) -> RefineData:
+    """Draw the synthetic Li map and index it with the default ``dpm.index``."""
+    from dpm.master.shipped import shipped_master_pattern
+    from dpm.pipeline import IndexConfig, index
+
+    master = shipped_master_pattern("li", KV)
+    if master is None:
+        raise RuntimeError("the shipped Li 20 kV master pattern is missing")
+    detector = Detector(shape=DETECTOR_SHAPE, pc=PC)
+    t = time.perf_counter()
+    smap = synthetic_map(master, detector, SyntheticConfig(map_shape=map_shape, seed=seed))
+    t_synthetic = time.perf_counter() - t
+    t = time.perf_counter()
+    result = index(smap.patterns, detector=detector, master_pattern=master,
+                   config=IndexConfig(kv=KV, device="cpu", refine=False, zero_solutions=None))
+    t_index = time.perf_counter() - t
+    n = smap.quaternions.shape[0]
+    topk = result.xmap.rotations.data.reshape(n, -1, 4).copy()
+    return RefineData(smap=smap, master=master, detector=detector, start=topk[:, 0].copy(),
+                      start_topk=topk,
+                      start_scores=result.scores.ravel().copy(),
+                      dictionary_size=result.dictionary_size,
+                      timings={"synthetic": t_synthetic, "index": t_index})
+
+
+def background_corrected(patterns: np.ndarray) -> np.ndarray:
+    """Raw patterns minus the mean pattern of the stack, float32, same shape.
+
+    As ``dpm.pipeline.prepare_stack`` with the default preprocessing (static
+    background = mean of the stack, subtracted); the synthetic map has no
+    constant patterns, which that mean would leave out.
+    """
+    from dpm.preprocess import mean_pattern, remove_static_background
+
+    flat = patterns.reshape(-1, *patterns.shape[-2:])
+    if not (np.ptp(flat.reshape(len(flat), -1), axis=1) > 0).all():
+        raise ValueError("constant patterns: use dpm.pipeline.prepare_stack's mean instead")
+    background = mean_pattern([flat])
+    out = remove_static_background(flat.astype(np.float32), background, "subtract")
+    return np.asarray(out, dtype=np.float32).reshape(patterns.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class KikuchipyInputs:
+    """What ``EBSD.refine_orientation`` takes: signal, master pattern, detector, start map."""
+
+    signal: Any
+    master_pattern: Any
+    detector: Any
+    xmap: Any
+
+
+def kikuchipy_inputs(data: RefineData, folder: str | Path) -> KikuchipyInputs:
+    """kikuchipy objects for the same map: the master pattern goes through an EMsoft file.
+
+    The start map has one rotation per point (the dictionary's top-1) and the
+    phase kikuchipy read from the master-pattern file, so its phase check passes.
+    """
+    import kikuchipy as kp
+    from orix.crystal_map import CrystalMap, PhaseList
+    from orix.quaternion import Rotation
+
+    from dpm.io.emsoft import write_master_pattern
+
+    path = write_master_pattern(data.master, Path(folder) / "li_20kv.h5")
+    mp = kp.load(path, projection="lambert", hemisphere="both", energy=KV)
+    signal = kp.signals.EBSD(background_corrected(data.smap.patterns))
+    for axis, name in zip(signal.axes_manager.navigation_axes, ("x", "y")):  # hyperspy: x first
+        axis.name, axis.scale, axis.units = name, data.smap.step_size, "um"
+    ny, nx = data.smap.diffracting.shape
+    y, x = np.divmod(np.arange(ny * nx), nx)
+    xmap = CrystalMap(rotations=Rotation(data.start), phase_id=np.zeros(ny * nx, dtype=int),
+                      x=x * data.smap.step_size, y=y * data.smap.step_size,
+                      phase_list=PhaseList(mp.phase), prop={"scores": data.start_scores},
+                      scan_unit="um")
+    return KikuchipyInputs(signal=signal, master_pattern=mp, detector=data.detector.to_kikuchipy(),
+                           xmap=xmap)
