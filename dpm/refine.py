@@ -139,12 +139,13 @@ class RefineConfig:
             raise ValueError(f"pattern_centre must be 'fixed', 'shared' or 'pattern', "
                              f"got {self.pattern_centre!r}")
         for name in ("n_starts", "max_iterations", "pc_subset"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
         for name in ("trust_radius", "pc_trust_radius", "tolerance", "pc_tolerance"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.distinct_angle < 0:
+        if not self.distinct_angle >= 0:
             raise ValueError(f"distinct_angle must be >= 0 degrees, got {self.distinct_angle}")
 
 
@@ -325,8 +326,10 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
             dw[1, k] = S[3 + k]
             dw[2, k] = S[6 + k]
         e_row = patterns[item_pattern[i]]
-        acc = np.zeros(N_SUMS)
-        D = np.zeros(6)
+        # Pass 1: intensity and derivatives per pixel; pass 2: the sums as
+        # contiguous dot products, which the compiler vectorises.
+        values = np.empty(npix)
+        D = np.zeros((6, npix))
         for p in range(npix):
             xd = (pixels[p, 0] - pcx * sx) / sy
             yd = pcy - pixels[p, 1] / sy
@@ -344,9 +347,10 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
             a, b = _lambert(ux, uy, uz, s)
             value, ga, gb = _bilinear3(tables[0] if s > 0.0 else tables[1], a, b)
             gx, gy, gz = _lambert_gradient(ux, uy, uz, s, ga, gb)
-            D[0] = uy * gz - uz * gy
-            D[1] = uz * gx - ux * gz
-            D[2] = ux * gy - uy * gx
+            values[p] = value
+            D[0, p] = uy * gz - uz * gy
+            D[1, p] = uz * gx - ux * gz
+            D[2, p] = ux * gy - uy * gx
             if n_params == 6:
                 gsx = r00 * gx + r10 * gy + r20 * gz
                 gsy = r01 * gx + r11 * gy + r21 * gz
@@ -355,19 +359,37 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
                 for k in range(3):
                     gdw = gsx * dw[k, 0] + gsy * dw[k, 1] + gsz * dw[k, 2]
                     vdw = vx * dw[k, 0] + vy * dw[k, 1] + vz * dw[k, 2]
-                    D[3 + k] = (gdw - gv * vdw) / wn
-            e = np.float64(e_row[p])
-            acc[0] += value
-            acc[1] += value * value
-            acc[2] += e * value
-            for j in range(n_params):
-                dj = D[j]
-                acc[3 + j] += dj
-                acc[9 + j] += value * dj
-                acc[15 + j] += e * dj
-                c = _TRIU_ROW[j]
-                for k in range(j, n_params):
-                    acc[c + k - j] += dj * D[k]
+                    D[3 + k, p] = (gdw - gv * vdw) / wn
+        acc = np.zeros(N_SUMS)
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        for p in range(npix):
+            value = values[p]
+            s0 += value
+            s1 += value * value
+            s2 += e_row[p] * value
+        acc[0] = s0
+        acc[1] = s1
+        acc[2] = s2
+        for j in range(n_params):
+            t0 = 0.0
+            t1 = 0.0
+            t2 = 0.0
+            for p in range(npix):
+                dj = D[j, p]
+                t0 += dj
+                t1 += values[p] * dj
+                t2 += e_row[p] * dj
+            acc[3 + j] = t0
+            acc[9 + j] = t1
+            acc[15 + j] = t2
+            c = _TRIU_ROW[j]
+            for k in range(j, n_params):
+                t0 = 0.0
+                for p in range(npix):
+                    t0 += D[j, p] * D[k, p]
+                acc[c + k - j] = t0
         for j in range(N_SUMS):
             out[i, j] = acc[j]
 
@@ -436,8 +458,11 @@ def _problem(patterns: Any, rmaster: RefinementMaster, detector: Detector,
     sy, sx = detector.shape
     rows, cols = np.divmod(np.arange(sy * sx), sx)
     if mask is not None:
-        keep = np.asarray(backend.to_host(mask), dtype=bool).ravel()
-        rows, cols = rows[keep], cols[keep]
+        keep = np.asarray(backend.to_host(mask), dtype=bool)
+        if keep.shape != tuple(detector.shape):
+            raise ValueError(f"mask shape {keep.shape} differs from the detector shape "
+                             f"{tuple(detector.shape)}")
+        rows, cols = rows[keep.ravel()], cols[keep.ravel()]
     pixels = np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float32)
     if pixels.shape[0] != patterns.shape[1]:
         raise ValueError(f"patterns have {patterns.shape[1]} pixels per row but the detector "
@@ -794,11 +819,13 @@ def refine(
     starts_host = np.asarray(backend.to_host(starts), dtype=np.float64)
     if starts_host.ndim == 2:
         starts_host = starts_host[:, None, :]
-    if starts_host.shape[0] != n or starts_host.shape[2] != 4:
+    if starts_host.ndim != 3 or starts_host.shape[0] != n or starts_host.shape[2] != 4:
         raise ValueError(f"starts must have shape (n, k, 4) or (n, 4) with n = {n}, "
-                         f"got {starts_host.shape}")
-    starts_host = starts_host[:, :config.n_starts]
-    starts_host /= np.linalg.norm(starts_host, axis=2, keepdims=True)
+                         f"got {np.shape(backend.to_host(starts))}")
+    norms = np.linalg.norm(starts_host[:, :config.n_starts], axis=2, keepdims=True)
+    if not (np.isfinite(norms).all() and (norms > 0).all()):
+        raise ValueError("starts contain non-finite or zero quaternions")
+    starts_host = starts_host[:, :config.n_starts] / norms
     if valid is None:
         valid_host = backend.to_host(xp.abs(problem.patterns).max(axis=1) > 0)
     else:

@@ -13,16 +13,20 @@
 //     v   = w / |w| (sample frame), u = R(q_i) v (crystal frame),
 //     I   = bilinear lookup of the master pattern at u (Lambert square of
 //           the hemisphere holding u: northern when u_z >= 0),
-//     g   = tangential gradient of the interpolated master pattern at u,
-//           from the bilinearly interpolated Lambert gradient maps
-//           (dI/da, dI/db) and the Lambert map differentiated along two
-//           tangent directions by forward differences of step h (radians),
+//     g   = gradient of the interpolated master pattern at u:
+//           dI/da grad(a) + dI/db grad(b), with (dI/da, dI/db) bilinearly
+//           interpolated from the Lambert gradient maps and grad(a), grad(b)
+//           the analytic gradients of the Lambert map (a, b)(u) (only the
+//           part tangent to the sphere enters D; 0 at the pole),
 //     D_0..2 = dI / d(delta_j) = (u x g)_j for a crystal-frame rotation
 //           q -> exp(delta) q (u -> u + delta x u),
-//     D_3..5 = dI / dPC_k = (R^T g) . dv/dPC_k.
+//     D_3..5 = dI / dPC_k = (R^T g) . dv/dPC_k when n_params == 6; with
+//           n_params == 3 they are taken as 0 (not computed).
 //   out[i, :] (float64, 42 values) = sum over p of
-//     [I, I^2, e I, D_j (6), I D_j (6), e D_j (6), D_j D_k (21, j <= k, row-major)].
+//     [I, I^2, e I, D_j (6), I D_j (6), e D_j (6), D_j D_k (21, j <= k, row-major)],
+//   so with n_params == 3 every sum holding a D_3..5 is exactly 0.
 //   dpm/refine.py turns them into the NCC, its gradient and J^T J.
+//   n_params is 3 or 6 (any other value is treated as 6).
 //
 // Layout: tables (2, side, side, 4) float32: hemisphere (north, south) x
 //   Lambert row (b) x Lambert column (a) x channel (I, dI/da, dI/db, 0), so
@@ -38,11 +42,13 @@
 //           of the experimental row), keeping its 42 partial sums in
 //           registers (double: the NCC normalisation subtracts nearly equal
 //           sums); then a shared-memory tree reduction (42 * B doubles of
-//           dynamic shared memory: 43 KB at B = 128) and thread 0 writes the row.
+//           dynamic shared memory: 43 KB at B = 128) and the threads write
+//           the row's 42 sums (strided: B may be 32 for tiny patterns).
 //
 // Expected H100 cost per item of P pixels (P = 3600 for 60 x 60):
-//   FLOPs ~200 per pixel (3 Lambert maps with sqrt + atan, 12-channel
-//   bilinear, tangent basis, 42 FMAs into double sums) -> ~0.7 MFLOP per
+//   FLOPs ~200 per pixel (Lambert map with sqrt + atan and its analytic
+//   gradient, 12-channel bilinear, PC derivatives, 42 FMAs into double sums;
+//   about half of that with n_params == 3) -> ~0.7 MFLOP per
 //   item; double adds run at half the fp32 rate on an H100, so ~30 TFLOP/s
 //   effective -> ~4e7 items/s of arithmetic. Bytes: experimental row 4 B and
 //   pixel centre 8 B per pixel from DRAM/L2 (43 KB per item); master gathers
@@ -111,15 +117,59 @@ __device__ inline float4 refine_bilinear(const float4* __restrict__ table, int s
                        0.0f);
 }
 
-// Derivative of the interpolated master pattern along unit tangent t at u.
-__device__ inline float refine_directional(float ux, float uy, float uz, float tx, float ty,
-                                           float tz, float s, float h, float a, float b,
-                                           float ga, float gb)
+// Gradient ga grad(a) + gb grad(b) of I(a(u), b(u)) at unit u on the
+// hemisphere of sign s (as dpm.refine._lambert_gradient): with
+// r = sqrt(2 (1 - s z)) (so dr/dz = -s / r) and rho^2 = x^2 + y^2; only its
+// tangential part is used. Zero at the pole.
+__device__ inline void refine_lambert_gradient(float x, float y, float z, float s, float ga,
+                                               float gb, float* gx, float* gy, float* gz)
 {
-    const float inv = 1.0f / sqrtf(1.0f + h * h);
-    float a1, b1;
-    refine_lambert((ux + h * tx) * inv, (uy + h * ty) * inv, (uz + h * tz) * inv, s, &a1, &b1);
-    return (ga * (a1 - a) + gb * (b1 - b)) / h;
+    const float rr = x * x + y * y;
+    if (rr == 0.0f) {
+        *gx = 0.0f;
+        *gy = 0.0f;
+        *gz = 0.0f;
+        return;
+    }
+    const float r = sqrtf(2.0f * rr / (1.0f + s * z));
+    const float dr = -s / r;
+    const float k = 0.9003163161571061f;  // 2 sqrt(2) / pi
+    const float inv_sqrt2 = 0.7071067811865476f;
+    if (fabsf(y) <= fabsf(x)) {
+        // a = sg r / sqrt(2), b = sg r k atan(y / x)
+        const float sg = x >= 0.0f ? 1.0f : -1.0f;
+        *gx = gb * sg * r * k * (-y / rr);
+        *gy = gb * sg * r * k * (x / rr);
+        *gz = ga * sg * inv_sqrt2 * dr + gb * sg * k * atanf(y / x) * dr;
+    } else {
+        // a = sg r k atan(x / y), b = sg r / sqrt(2)
+        const float sg = y >= 0.0f ? 1.0f : -1.0f;
+        *gx = ga * sg * r * k * (y / rr);
+        *gy = ga * sg * r * k * (-x / rr);
+        *gz = ga * sg * k * atanf(x / y) * dr + gb * sg * inv_sqrt2 * dr;
+    }
+}
+
+// Add one pixel to the 42 sums, for the first NP parameters (3 or 6); the
+// loops unroll, so acc stays in registers.
+template <int NP>
+__device__ inline void refine_accumulate(double* acc, double value, double e, const float* D)
+{
+    acc[0] += value;
+    acc[1] += value * value;
+    acc[2] += e * value;
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+        const double dj = (double)D[j];
+        acc[3 + j] += dj;
+        acc[9 + j] += value * dj;
+        acc[15 + j] += e * dj;
+        const int row = 21 + 6 * j - j * (j - 1) / 2;  // D_j D_j among the 42 sums
+#pragma unroll
+        for (int k = j; k < NP; ++k) {
+            acc[row + k - j] += dj * (double)D[k];
+        }
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256) refine_sums(
@@ -135,7 +185,7 @@ extern "C" __global__ void __launch_bounds__(256) refine_sums(
     const float* __restrict__ quaternions,
     const float* __restrict__ pcs,
     const int m,
-    const float h,
+    const int n_params,
     double* __restrict__ out)
 {
     DPM_DYNAMIC_SHARED(double, partial);  // [REFINE_N_SUMS][blockDim.x]
@@ -167,6 +217,7 @@ extern "C" __global__ void __launch_bounds__(256) refine_sums(
     const float* e_row = patterns + (size_t)item_pattern[item] * npix;
     const float4* north = reinterpret_cast<const float4*>(tables);
     const float4* south = north + (size_t)side * side;
+    const bool with_pc = n_params != 3;
 
     double acc[REFINE_N_SUMS];
     for (int j = 0; j < REFINE_N_SUMS; ++j) {
@@ -187,54 +238,28 @@ extern "C" __global__ void __launch_bounds__(256) refine_sums(
         float a, b;
         refine_lambert(ux, uy, uz, s, &a, &b);
         const float4 t = refine_bilinear(s > 0.0f ? north : south, side, a, b);
-        // Tangent basis: t1 = e x u / |e x u| with e the axis least aligned with u; t2 = u x t1.
-        const float ax = fabsf(ux), ay = fabsf(uy), az = fabsf(uz);
-        float t1x, t1y, t1z;
-        if (ax <= ay && ax <= az) {         // e = x: e x u = (0, -uz, uy)
-            t1x = 0.0f; t1y = -uz; t1z = uy;
-        } else if (ay <= az) {              // e = y: e x u = (uz, 0, -ux)
-            t1x = uz; t1y = 0.0f; t1z = -ux;
-        } else {                            // e = z: e x u = (-uy, ux, 0)
-            t1x = -uy; t1y = ux; t1z = 0.0f;
-        }
-        const float tn = 1.0f / sqrtf(t1x * t1x + t1y * t1y + t1z * t1z);
-        t1x *= tn; t1y *= tn; t1z *= tn;
-        const float t2x = uy * t1z - uz * t1y;
-        const float t2y = uz * t1x - ux * t1z;
-        const float t2z = ux * t1y - uy * t1x;
-        const float d1 = refine_directional(ux, uy, uz, t1x, t1y, t1z, s, h, a, b, t.y, t.z);
-        const float d2 = refine_directional(ux, uy, uz, t2x, t2y, t2z, s, h, a, b, t.y, t.z);
-        const float gx = d1 * t1x + d2 * t2x;
-        const float gy = d1 * t1y + d2 * t2y;
-        const float gz = d1 * t1z + d2 * t2z;
+        float gx, gy, gz;
+        refine_lambert_gradient(ux, uy, uz, s, t.y, t.z, &gx, &gy, &gz);
         float D[6];
         D[0] = uy * gz - uz * gy;
         D[1] = uz * gx - ux * gz;
         D[2] = ux * gy - uy * gx;
-        // Gradient in the sample frame: R^T g.
-        const float gsx = r00 * gx + r10 * gy + r20 * gz;
-        const float gsy = r01 * gx + r11 * gy + r21 * gz;
-        const float gsz = r02 * gx + r12 * gy + r22 * gz;
-        const float gv = gsx * vx + gsy * vy + gsz * vz;
-        for (int k = 0; k < 3; ++k) {
-            const float gdw = gsx * dw[k][0] + gsy * dw[k][1] + gsz * dw[k][2];
-            const float vdw = vx * dw[k][0] + vy * dw[k][1] + vz * dw[k][2];
-            D[3 + k] = (gdw - gv * vdw) / wn;
-        }
         const double value = (double)t.x;
         const double e = (double)e_row[p];
-        acc[0] += value;
-        acc[1] += value * value;
-        acc[2] += e * value;
-        int c = 21;
-        for (int j = 0; j < 6; ++j) {
-            const double dj = (double)D[j];
-            acc[3 + j] += dj;
-            acc[9 + j] += value * dj;
-            acc[15 + j] += e * dj;
-            for (int k = j; k < 6; ++k) {
-                acc[c++] += dj * (double)D[k];
+        if (with_pc) {
+            // Gradient in the sample frame: R^T g.
+            const float gsx = r00 * gx + r10 * gy + r20 * gz;
+            const float gsy = r01 * gx + r11 * gy + r21 * gz;
+            const float gsz = r02 * gx + r12 * gy + r22 * gz;
+            const float gv = gsx * vx + gsy * vy + gsz * vz;
+            for (int k = 0; k < 3; ++k) {
+                const float gdw = gsx * dw[k][0] + gsy * dw[k][1] + gsz * dw[k][2];
+                const float vdw = vx * dw[k][0] + vy * dw[k][1] + vz * dw[k][2];
+                D[3 + k] = (gdw - gv * vdw) / wn;
             }
+            refine_accumulate<6>(acc, value, e, D);
+        } else {
+            refine_accumulate<3>(acc, value, e, D);
         }
     }
     for (int j = 0; j < REFINE_N_SUMS; ++j) {
@@ -250,7 +275,8 @@ extern "C" __global__ void __launch_bounds__(256) refine_sums(
         }
         __syncthreads();
     }
-    if (tid < REFINE_N_SUMS) {
-        out[(size_t)item * REFINE_N_SUMS + tid] = partial[tid * nthreads];
+    // Strided: a block may have fewer threads (32) than there are sums (42).
+    for (int j = tid; j < REFINE_N_SUMS; j += nthreads) {
+        out[(size_t)item * REFINE_N_SUMS + j] = partial[j * nthreads];
     }
 }
