@@ -268,30 +268,26 @@ def _bilinear3(table: np.ndarray, a: float, b: float) -> tuple[float, float, flo
 
 
 @nb.njit(inline="always", cache=True)
-def _lambert_gradient(x: float, y: float, z: float, s: float, ga: float,
+def _lambert_gradient(x: float, y: float, z: float, s: float, a: float, b: float, ga: float,
                       gb: float) -> tuple[float, float, float]:  # pragma: no cover
     """``ga ∇a + gb ∇b``: the gradient of I(a(u), b(u)) at unit ``u`` (as refine.cu).
 
-    With ``r = sqrt(2 (1 - s z))`` (so ``∂r/∂z = -s / r``) and ``ρ² = x² + y²``;
-    only its tangential part is used. Zero at the pole.
+    Both ``a`` and ``b`` are ``r = sqrt(2 (1 - s z))`` times a function of the
+    azimuth, so ``∂/∂z = (a, b) (∂r/∂z) / r`` with ``∂r/∂z = -s / r``; the
+    azimuthal parts are those of ``atan(y / x)`` (or ``atan(x / y)``). Only its
+    tangential part is used. Zero at the pole.
     """
     rr = x * x + y * y
     if rr == 0.0:
         return 0.0, 0.0, 0.0
-    r = math.sqrt(2.0 * rr / (1.0 + s * z))
-    dr = -s / r
+    r2 = 2.0 * rr / (1.0 + s * z)
     k = 0.9003163161571061  # 2 sqrt(2) / pi
-    if abs(y) <= abs(x):
-        sg = 1.0 if x >= 0.0 else -1.0
-        # a = sg r / sqrt(2), b = sg r k atan(y / x)
-        return (gb * sg * r * k * (-y / rr),
-                gb * sg * r * k * (x / rr),
-                ga * sg * 0.7071067811865476 * dr + gb * sg * k * math.atan(y / x) * dr)
-    sg = 1.0 if y >= 0.0 else -1.0
-    # a = sg r k atan(x / y), b = sg r / sqrt(2)
-    return (ga * sg * r * k * (y / rr),
-            ga * sg * r * k * (-x / rr),
-            ga * sg * k * math.atan(x / y) * dr + gb * sg * 0.7071067811865476 * dr)
+    gz = -s * (ga * a + gb * b) / r2
+    if abs(y) <= abs(x):  # a = sg r / sqrt(2), b = sg r k atan(y / x)
+        c = gb * (1.0 if x >= 0.0 else -1.0) * math.sqrt(r2) * k / rr
+        return -c * y, c * x, gz
+    c = ga * (1.0 if y >= 0.0 else -1.0) * math.sqrt(r2) * k / rr  # a = sg r k atan(x / y)
+    return c * y, -c * x, gz
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -346,7 +342,7 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
             s = 1.0 if uz >= 0.0 else -1.0
             a, b = _lambert(ux, uy, uz, s)
             value, ga, gb = _bilinear3(tables[0] if s > 0.0 else tables[1], a, b)
-            gx, gy, gz = _lambert_gradient(ux, uy, uz, s, ga, gb)
+            gx, gy, gz = _lambert_gradient(ux, uy, uz, s, a, b, ga, gb)
             values[p] = value
             D[0, p] = uy * gz - uz * gy
             D[1, p] = uz * gx - ux * gz

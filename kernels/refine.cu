@@ -117,12 +117,15 @@ __device__ inline float4 refine_bilinear(const float4* __restrict__ table, int s
                        0.0f);
 }
 
-// Gradient ga grad(a) + gb grad(b) of I(a(u), b(u)) at unit u on the
-// hemisphere of sign s (as dpm.refine._lambert_gradient): with
-// r = sqrt(2 (1 - s z)) (so dr/dz = -s / r) and rho^2 = x^2 + y^2; only its
-// tangential part is used. Zero at the pole.
-__device__ inline void refine_lambert_gradient(float x, float y, float z, float s, float ga,
-                                               float gb, float* gx, float* gy, float* gz)
+// Gradient ga grad(a) + gb grad(b) of I(a(u), b(u)) at unit u = (x, y, z) on
+// the hemisphere of sign s, given its Lambert coordinates (a, b) (as
+// dpm.refine._lambert_gradient). Both a and b are r = sqrt(2 (1 - s z)) times a
+// function of the azimuth, so d/dz = (a, b) (dr/dz) / r with dr/dz = -s / r;
+// the azimuthal parts are those of atan(y / x) (or atan(x / y)). Only the
+// part tangent to the sphere enters D. Zero at the pole.
+__device__ inline void refine_lambert_gradient(float x, float y, float z, float s, float a,
+                                               float b, float ga, float gb, float* gx, float* gy,
+                                               float* gz)
 {
     const float rr = x * x + y * y;
     if (rr == 0.0f) {
@@ -131,22 +134,19 @@ __device__ inline void refine_lambert_gradient(float x, float y, float z, float 
         *gz = 0.0f;
         return;
     }
-    const float r = sqrtf(2.0f * rr / (1.0f + s * z));
-    const float dr = -s / r;
-    const float k = 0.9003163161571061f;  // 2 sqrt(2) / pi
-    const float inv_sqrt2 = 0.7071067811865476f;
+    const float r2 = 2.0f * rr / (1.0f + s * z);  // r^2
+    const float k = 0.9003163161571061f;         // 2 sqrt(2) / pi
+    *gz = -s * (ga * a + gb * b) / r2;
     if (fabsf(y) <= fabsf(x)) {
-        // a = sg r / sqrt(2), b = sg r k atan(y / x)
-        const float sg = x >= 0.0f ? 1.0f : -1.0f;
-        *gx = gb * sg * r * k * (-y / rr);
-        *gy = gb * sg * r * k * (x / rr);
-        *gz = ga * sg * inv_sqrt2 * dr + gb * sg * k * atanf(y / x) * dr;
+        // a = sg r / sqrt(2), b = sg r k atan(y / x): only b depends on the azimuth
+        const float c = gb * (x >= 0.0f ? 1.0f : -1.0f) * sqrtf(r2) * k / rr;
+        *gx = -c * y;
+        *gy = c * x;
     } else {
         // a = sg r k atan(x / y), b = sg r / sqrt(2)
-        const float sg = y >= 0.0f ? 1.0f : -1.0f;
-        *gx = ga * sg * r * k * (y / rr);
-        *gy = ga * sg * r * k * (-x / rr);
-        *gz = ga * sg * k * atanf(x / y) * dr + gb * sg * inv_sqrt2 * dr;
+        const float c = ga * (y >= 0.0f ? 1.0f : -1.0f) * sqrtf(r2) * k / rr;
+        *gx = c * y;
+        *gy = -c * x;
     }
 }
 
@@ -239,7 +239,7 @@ extern "C" __global__ void __launch_bounds__(256) refine_sums(
         refine_lambert(ux, uy, uz, s, &a, &b);
         const float4 t = refine_bilinear(s > 0.0f ? north : south, side, a, b);
         float gx, gy, gz;
-        refine_lambert_gradient(ux, uy, uz, s, t.y, t.z, &gx, &gy, &gz);
+        refine_lambert_gradient(ux, uy, uz, s, a, b, t.y, t.z, &gx, &gy, &gz);
         float D[6];
         D[0] = uy * gz - uz * gy;
         D[1] = uz * gx - ux * gz;
