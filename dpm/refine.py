@@ -51,6 +51,10 @@ Starts
 Each pattern is refined from its best ``n_starts`` dictionary matches,
 skipping a match within ``distinct_angle`` of a better one (it would climb the
 same maximum); the candidate with the highest refined NCC is kept.
+Candidates whose NCC is below 0.8 times their pattern's best at the start, or
+0.9 times after one iteration (when every candidate is close to its
+maximum), stop there (successive halving; not when the PC of every pattern
+is refined, as a start's NCC then also reflects its PC error).
 
 Pattern centre
 --------------
@@ -85,6 +89,9 @@ log = logging.getLogger("dpm")
 
 #: Sums per candidate written by the kernel; equals REFINE_N_SUMS in kernels/refine.cu.
 N_SUMS = 42
+#: Successive halving: after ``k`` iterations, candidates whose NCC is below
+#: ``fraction`` times their pattern's best stop (``(k, fraction)`` pairs).
+_PRUNE_SCHEDULE = ((0, 0.8), (1, 0.9))
 #: Threads per block of the CUDA kernel (a power of two; see the launch site).
 _GPU_THREADS = 128
 #: Smallest NCC used to scale the curvature (a weaker correlation is noise).
@@ -851,7 +858,26 @@ def refine(
     state = _init_state(problem, item_pattern, q0, pcs, config, 6 if with_pc else 3)
     report, close = _progress(progress, len(pattern_of))
     report(int((~state.active).sum()))
-    state = _run_lm(problem, item_pattern, state, config, with_pc=with_pc, progress=report)
+    # Successive halving: candidates far below their pattern's best NCC cannot
+    # win once every candidate is near its maximum; they stop early.
+    # Not with a per-pattern PC: a start NCC then also reflects the PC error.
+    done = 0
+    for after, fraction in () if with_pc else _PRUNE_SCHEDULE:
+        if after > done:
+            state = _run_lm(problem, item_pattern, state,
+                            replace(config, max_iterations=min(after, config.max_iterations) - done),
+                            with_pc=with_pc, progress=report)
+            done = min(after, config.max_iterations)
+        ncc_now = backend.to_host(state.ncc)
+        best = np.zeros(n)
+        np.maximum.at(best, pattern_of, ncc_now)
+        dominated = state.active & (ncc_now < fraction * best[pattern_of])
+        state.active &= ~dominated
+        report(int(dominated.sum()))
+    if config.max_iterations > done:
+        state = _run_lm(problem, item_pattern, state,
+                        replace(config, max_iterations=config.max_iterations - done),
+                        with_pc=with_pc, progress=report)
     close()
 
     ncc = backend.to_host(state.ncc)
