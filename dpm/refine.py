@@ -51,9 +51,8 @@ Starts
 Each pattern is refined from its best ``n_starts`` dictionary matches,
 skipping a match within ``distinct_angle`` of a better one (it would climb the
 same maximum); the candidate with the highest refined NCC is kept.
-Candidates whose NCC is below 0.8 times their pattern's best at the start, or
-0.9 times after one iteration (when every candidate is close to its
-maximum), stop there (successive halving; not when the PC of every pattern
+Candidates whose NCC is below 0.9 times their pattern's best after one
+iteration (when every candidate is close to its maximum) stop there (successive halving; not when the PC of every pattern
 is refined, as a start's NCC then also reflects its PC error).
 
 Pattern centre
@@ -91,7 +90,7 @@ log = logging.getLogger("dpm")
 N_SUMS = 42
 #: Successive halving: after ``k`` iterations, candidates whose NCC is below
 #: ``fraction`` times their pattern's best stop (``(k, fraction)`` pairs).
-_PRUNE_SCHEDULE = ((0, 0.8), (1, 0.9))
+_PRUNE_SCHEDULE = ((1, 0.9),)
 #: Threads per block of the CUDA kernel (a power of two; see the launch site).
 _GPU_THREADS = 128
 #: Smallest NCC used to scale the curvature (a weaker correlation is noise).
@@ -636,6 +635,14 @@ def _clamp(xp: ModuleType, step: Any, radius: Any, pc_radius: Any, with_pc: bool
     return step * factor[:, None]
 
 
+def _small(xp: ModuleType, step: Any, tol: float, pc_tol: float, with_pc: bool) -> Any:
+    """(m,) bool: rotation step below ``tol`` radians (and PC step below ``pc_tol``)."""
+    small = xp.sqrt((step[:, :3] ** 2).sum(axis=1)) < tol
+    if with_pc:
+        small &= xp.sqrt((step[:, 3:] ** 2).sum(axis=1)) < pc_tol
+    return small
+
+
 def _run_lm(problem: _Problem, item_pattern: Any, state: _State, config: RefineConfig,
             with_pc: bool, progress: Callable[[int], None] | None = None) -> _State:
     """Iterate every active candidate to convergence; returns the updated state."""
@@ -650,6 +657,18 @@ def _run_lm(problem: _Problem, item_pattern: Any, state: _State, config: RefineC
             break
         idx = xp.asarray(idx_host)
         step = _lm_step(xp, state.hess[idx], state.grad[idx], state.lam[idx], free)
+        # A point whose own Newton step is below the tolerances is stationary:
+        # it has converged without evaluating that step.
+        stationary = backend.to_host(_small(xp, step, tol, config.pc_tolerance, with_pc))
+        if stationary.any():
+            state.active[idx_host[stationary]] = False
+            if progress is not None:
+                progress(int(stationary.sum()))
+            idx_host = idx_host[~stationary]
+            if idx_host.size == 0:
+                break
+            idx = xp.asarray(idx_host)
+            step = step[xp.asarray(np.flatnonzero(~stationary))]
         step = _clamp(xp, step, state.radius[idx], state.pc_radius[idx], with_pc)
         q_try = _rotate(xp, step[:, :3], state.q[idx])
         pc_try = state.pc[idx] + step[:, 3:] if with_pc else state.pc[idx]
@@ -657,9 +676,7 @@ def _run_lm(problem: _Problem, item_pattern: Any, state: _State, config: RefineC
             problem.sums(item_pattern[idx], q_try, pc_try, 6 if with_pc else 3), problem.npix)
         better = ncc > state.ncc[idx]
         rot_step = xp.sqrt((step[:, :3] ** 2).sum(axis=1))
-        small = rot_step < tol
-        if with_pc:
-            small &= xp.sqrt((step[:, 3:] ** 2).sum(axis=1)) < config.pc_tolerance
+        small = _small(xp, step, tol, config.pc_tolerance, with_pc)
         acc = idx[better]
         state.q[acc] = q_try[better]
         state.pc[acc] = pc_try[better]
