@@ -251,8 +251,9 @@ def _lambert(x: float, y: float, z: float, s: float) -> tuple[float, float]:  # 
 
 
 @nb.njit(inline="always", cache=True)
-def _bilinear3(table: np.ndarray, a: float, b: float) -> tuple[float, float, float]:  # pragma: no cover
-    side = table.shape[0]
+def _bilinear3(tables: np.ndarray, h: int, a: float, b: float) -> tuple[float, float, float]:  # pragma: no cover
+    """Bilinear lookup of (I, ∂I/∂a, ∂I/∂b) on hemisphere ``h`` of the tables (as refine.cu)."""
+    side = tables.shape[1]
     last = side - 1
     half = 0.5 * last
     xp = min(max(half * a + half, 0.0), last)
@@ -267,9 +268,12 @@ def _bilinear3(table: np.ndarray, a: float, b: float) -> tuple[float, float, flo
     w10 = dy * (1.0 - dx)
     w01 = (1.0 - dy) * dx
     w11 = dy * dx
-    out0 = w00 * table[r0, c0, 0] + w10 * table[r1, c0, 0] + w01 * table[r0, c1, 0] + w11 * table[r1, c1, 0]
-    out1 = w00 * table[r0, c0, 1] + w10 * table[r1, c0, 1] + w01 * table[r0, c1, 1] + w11 * table[r1, c1, 1]
-    out2 = w00 * table[r0, c0, 2] + w10 * table[r1, c0, 2] + w01 * table[r0, c1, 2] + w11 * table[r1, c1, 2]
+    out0 = (w00 * tables[h, r0, c0, 0] + w10 * tables[h, r1, c0, 0]
+            + w01 * tables[h, r0, c1, 0] + w11 * tables[h, r1, c1, 0])
+    out1 = (w00 * tables[h, r0, c0, 1] + w10 * tables[h, r1, c0, 1]
+            + w01 * tables[h, r0, c1, 1] + w11 * tables[h, r1, c1, 1])
+    out2 = (w00 * tables[h, r0, c0, 2] + w10 * tables[h, r1, c0, 2]
+            + w01 * tables[h, r0, c1, 2] + w11 * tables[h, r1, c1, 2])
     return out0, out1, out2
 
 
@@ -304,6 +308,27 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
     m = quaternions.shape[0]
     npix = pixels.shape[0]
     ratio = sx / sy
+    # One PC for every candidate (the usual case): the pixel directions are
+    # the same for all of them and are computed once.
+    common = True
+    for i in range(1, m):
+        for k in range(3):
+            if pcs[i, k] != pcs[0, k]:
+                common = False
+    directions = np.empty((npix if common else 0, 4))
+    if common and m > 0:
+        for p in range(npix):
+            xd = (pixels[p, 0] - np.float64(pcs[0, 0]) * sx) / sy
+            yd = np.float64(pcs[0, 1]) - pixels[p, 1] / sy
+            zd = np.float64(pcs[0, 2])
+            wx = xd * S[0] + yd * S[3] + zd * S[6]
+            wy = xd * S[1] + yd * S[4] + zd * S[7]
+            wz = xd * S[2] + yd * S[5] + zd * S[8]
+            wn = math.sqrt(wx * wx + wy * wy + wz * wz)
+            directions[p, 0] = wx / wn
+            directions[p, 1] = wy / wn
+            directions[p, 2] = wz / wn
+            directions[p, 3] = wn
     for i in nb.prange(m):
         qa = np.float64(quaternions[i, 0])
         qb = np.float64(quaternions[i, 1])
@@ -333,21 +358,27 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
         values = np.empty(npix)
         D = np.zeros((6, npix))
         for p in range(npix):
-            xd = (pixels[p, 0] - pcx * sx) / sy
-            yd = pcy - pixels[p, 1] / sy
-            wx = xd * S[0] + yd * S[3] + pcz * S[6]
-            wy = xd * S[1] + yd * S[4] + pcz * S[7]
-            wz = xd * S[2] + yd * S[5] + pcz * S[8]
-            wn = math.sqrt(wx * wx + wy * wy + wz * wz)
-            vx = wx / wn
-            vy = wy / wn
-            vz = wz / wn
+            if common:
+                vx = directions[p, 0]
+                vy = directions[p, 1]
+                vz = directions[p, 2]
+                wn = directions[p, 3]
+            else:
+                xd = (pixels[p, 0] - pcx * sx) / sy
+                yd = pcy - pixels[p, 1] / sy
+                wx = xd * S[0] + yd * S[3] + pcz * S[6]
+                wy = xd * S[1] + yd * S[4] + pcz * S[7]
+                wz = xd * S[2] + yd * S[5] + pcz * S[8]
+                wn = math.sqrt(wx * wx + wy * wy + wz * wz)
+                vx = wx / wn
+                vy = wy / wn
+                vz = wz / wn
             ux = r00 * vx + r01 * vy + r02 * vz
             uy = r10 * vx + r11 * vy + r12 * vz
             uz = r20 * vx + r21 * vy + r22 * vz
             s = 1.0 if uz >= 0.0 else -1.0
             a, b = _lambert(ux, uy, uz, s)
-            value, ga, gb = _bilinear3(tables[0] if s > 0.0 else tables[1], a, b)
+            value, ga, gb = _bilinear3(tables, 0 if s > 0.0 else 1, a, b)
             gx, gy, gz = _lambert_gradient(ux, uy, uz, s, a, b, ga, gb)
             values[p] = value
             D[0, p] = uy * gz - uz * gy
