@@ -349,6 +349,31 @@ def _progress_range(n: int, step: int, desc: str, progress: bool):
     return tqdm(starts, desc=desc, unit="chunk")
 
 
+def _fit_shared_pattern_centre(rows: Any, readable: np.ndarray, band_contrast: np.ndarray,
+                               master, dict_master, detector, mask: np.ndarray | None,
+                               rotations, refinement, match_config) -> np.ndarray:
+    """One PC for the map, fitted on the ``pc_subset`` patterns of highest band contrast.
+
+    The subset is matched against the dictionary at the starting PC, then
+    its orientations and the PC are refined jointly
+    (:func:`dpm.refine.fit_shared_pattern_centre`).
+    """
+    from dpm.dictionary import Dictionary
+    from dpm.match import match
+    from dpm.refine import fit_shared_pattern_centre, refinement_master
+
+    xp = backend.namespace(rows)
+    candidates = np.flatnonzero(readable)
+    subset = candidates[np.argsort(-band_contrast[candidates], kind="stable")[:refinement.pc_subset]]
+    sub_rows = rows[xp.asarray(subset)]
+    dictionary = Dictionary(dict_master, detector, rotations.data.astype(np.float32), mask=mask)
+    best = match(sub_rows, dictionary, config=replace(match_config, keep=1, progress=False))
+    starts = dictionary.quaternions[backend.to_host(best.indices)[:, 0]].astype(np.float64)
+    pc, _, _ = fit_shared_pattern_centre(sub_rows, refinement_master(master, detector), detector,
+                                         starts, mask=mask, config=refinement)
+    return pc
+
+
 def index(
     patterns: Any,
     phase: Any = "li",
@@ -449,9 +474,22 @@ def index(
     dict_master = master
     if config.pixel_integration:
         dict_master = integrate_pixels(master, det_used, orientation_spread=config.resolution / 2)
+    match_config = MatchConfig(keep=config.keep, memory_budget=config.memory_budget,
+                               progress=progress)
+    refinement = config.refinement
+    if config.refine and refinement.pattern_centre == "shared":
+        # Calibrate first, as the protocol does: fit one PC on a subset, then
+        # match the whole map with it (a wrong PC costs dictionary matches).
+        t_pc = time.perf_counter()
+        pc = _fit_shared_pattern_centre(rows, readable, bc, master, dict_master, det_used,
+                                        mask_used, rotations, refinement, match_config)
+        timings["pattern_centre"] = time.perf_counter() - t_pc
+        log.info("pattern centre fitted: (%.4f, %.4f, %.4f) from (%.4f, %.4f, %.4f)",
+                 *pc, *det_used.pc)
+        det_used = replace(det_used, pc=tuple(pc))
+        refinement = replace(refinement, pattern_centre="fixed")
     dictionary = Dictionary(dict_master, det_used, rotations.data.astype(np.float32), mask=mask_used)
-    result = match(rows, dictionary, config=MatchConfig(
-        keep=config.keep, memory_budget=config.memory_budget, progress=progress))
+    result = match(rows, dictionary, config=match_config)
     timings["match"] = time.perf_counter() - t
     log.info("matched %d patterns against %d orientations in %.1f s",
              len(readable), len(dictionary), timings["match"])
@@ -469,12 +507,12 @@ def index(
         t = time.perf_counter()
         rmaster = refinement_master(master, det_used)
         refined = refine(rows, rmaster, det_used, topk, mask=mask_used, valid=readable,
-                         config=config.refinement, progress=progress)
+                         config=refinement, progress=progress)
         timings["refine"] = time.perf_counter() - t
         quaternions, scores = refined.quaternions, refined.scores
         details["pattern_centre"] = refined.pcs.mean(axis=0).tolist()
         props["refinement_iterations"] = refined.iterations
-        if config.refinement.pattern_centre == "pattern":
+        if refinement.pattern_centre == "pattern":
             props.update(pcx=refined.pcs[:, 0], pcy=refined.pcs[:, 1], pcz=refined.pcs[:, 2])
         indexed = readable.copy()
         replaced = np.zeros(n, dtype=bool)
