@@ -91,8 +91,8 @@ def test_nan_patterns_exit_2(stack_file, master_file, tmp_path, capsys):
     data = np.load(stack_file).astype(np.float32)
     data[1, 2, 0, 0] = np.nan
     np.save(tmp_path / "nan.npy", data)
-    code = main(["index", str(tmp_path / "nan.npy"), "--master-pattern", str(master_file),
-                 "--pc", "0.5", "0.3", "0.6", "--out", str(tmp_path / "o")])
+    code = main(["--quiet", "index", str(tmp_path / "nan.npy"), "--master-pattern",
+                 str(master_file), "--pc", "0.5", "0.3", "0.6", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "row 1, column 2" in _error_line(capsys)
 
