@@ -42,6 +42,7 @@ CUPY_SUBSET: tuple[str, ...] = (
     "isfinite",
     "cos", "floor", "log", "log1p", "maximum", "sign", "sin", "sqrt",
     "where",
+    "concatenate", "median", "sort", "fft.fft2",
     "cross", "diagonal", "empty_like", "eye", "minimum", "tile", "linalg.solve",
     "float32",
     "int32",

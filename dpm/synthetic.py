@@ -8,6 +8,11 @@ a smooth background, Kikuchi contrast, Poisson noise and optical blur. Tests,
 benches and ``dpm demo`` use it because the true orientation of every pixel is
 known.
 
+Two defects of real Li and Na maps can be added: *weak* pixels, which still
+diffract but with a much fainter Kikuchi signal (surface damage,
+contamination), and a detector *shadow*, a region of the pattern that the
+same obstacle darkens in every pattern.
+
 Map frame: x (columns) runs along the interface, y (rows) across the film.
 """
 
@@ -22,6 +27,17 @@ from scipy import ndimage
 from dpm.detector import Detector
 from dpm.master import MasterPattern
 from dpm.projection import project
+
+#: Fraction of the intensity (background and Kikuchi signal) that reaches the
+#: detector inside the shadow.
+SHADOW_TRANSMISSION = 0.1
+#: Width of the shadow's soft edge: the transmission changes as a logistic
+#: function of the distance to the edge with this scale, as a fraction of the
+#: detector width (pixels within ±2 scales of the edge are partly shadowed).
+SHADOW_EDGE = 0.02
+#: Angle in degrees between the shadow's edge and the detector rows; the
+#: shadow covers the bottom of the pattern, deepest in the lower-left corner.
+SHADOW_EDGE_ANGLE = 20.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,23 @@ class SyntheticConfig:
         Each pattern pixel is the mean of ``supersample²`` projected sub-pixels,
         as a binned camera pixel integrates the intensity over its area (1 =
         point sampling).
+    weak_fraction
+        Fraction of the diffracting pixels that are *weak*: drawn at random
+        (without replacement, ``round(weak_fraction · n_diffracting)`` pixels),
+        they get Kikuchi contrast ``weak_contrast`` instead of ``contrast``.
+        The draw uses its own random stream, so the grains, orientations and
+        pores of a map do not depend on ``weak_fraction``.
+    weak_contrast
+        Standard deviation of the Kikuchi signal of weak pixels relative to
+        the background. The default 0.065 is about the faintest signal that
+        :func:`dpm.quality.band_contrast` still puts above 10 for at least
+        95 % of the weak pixels of default 60 × 60 px Li maps (background
+        removed as the mean of the stack). The 2° dictionary alone still
+        finds about 98 % of such pixels within 2°; at 0.03 it finds fewer than
+        half, but then band contrast no longer tells weak pixels from pores.
+    shadow_fraction
+        Fraction of the pattern area behind a detector shadow (see
+        :func:`shadow`), the same on every pattern; 0 = no shadow.
     seed
         Random seed; the same seed gives the same map.
     """
@@ -67,6 +100,9 @@ class SyntheticConfig:
     blur: float = 0.7
     background_width: float = 0.55
     supersample: int = 4
+    weak_fraction: float = 0.0
+    weak_contrast: float = 0.065
+    shadow_fraction: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +115,12 @@ class SyntheticConfig:
             raise ValueError(f"supersample must be at least 1, got {self.supersample}")
         if self.counts <= 0 or self.contrast < 0 or self.grain_width <= 0:
             raise ValueError("counts and grain_width must be positive and contrast non-negative")
+        if not 0 <= self.weak_fraction <= 1:
+            raise ValueError(f"weak_fraction must be in [0, 1], got {self.weak_fraction}")
+        if self.weak_contrast < 0:
+            raise ValueError(f"weak_contrast must be non-negative, got {self.weak_contrast}")
+        if not 0 <= self.shadow_fraction < 1:
+            raise ValueError(f"shadow_fraction must be in [0, 1), got {self.shadow_fraction}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,17 +137,29 @@ class SyntheticMap:
         Grain of every pixel, numbered from 0 along x.
     diffracting : (ny, nx) bool array
         False inside pores.
+    weak : (ny, nx) bool array
+        True at weak pixels (diffracting, with ``config.weak_contrast``).
     detector
         Detector the patterns were projected with.
+    static_background : (sy, sx) float32 array or None
+        The static background the camera would record, in the units of
+        ``patterns``: the expected pattern without Kikuchi signal (background
+        hump times shadow, blurred, times the map's gain). None for maps read
+        from files written before it was stored.
     step_size
         Map step in µm.
+    config
+        The configuration the map was drawn with (the default configuration
+        for maps read from a file).
     """
 
     patterns: np.ndarray
     quaternions: np.ndarray
     grain_ids: np.ndarray
     diffracting: np.ndarray
+    weak: np.ndarray
     detector: Detector
+    static_background: np.ndarray | None = None
     step_size: float = 1.0
     config: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -148,6 +202,28 @@ def pores(config: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
     return diffracting
 
 
+def weak_pixels(diffracting: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A random set of ``round(fraction · n_diffracting)`` diffracting pixels.
+
+    Parameters
+    ----------
+    diffracting : (ny, nx) bool array
+        False inside pores (which are never weak).
+    fraction
+        Fraction of the diffracting pixels to pick, in [0, 1].
+
+    Returns
+    -------
+    weak : (ny, nx) bool array
+    """
+    candidates = np.flatnonzero(diffracting)
+    weak = np.zeros(diffracting.shape, dtype=bool)
+    k = int(round(fraction * len(candidates)))
+    if k:
+        weak.ravel()[rng.choice(candidates, size=k, replace=False)] = True
+    return weak
+
+
 def random_quaternions(n: int, rng: np.random.Generator) -> np.ndarray:
     """Uniformly random unit quaternions ``(a, b, c, d)`` with ``a >= 0``, shape (n, 4)."""
     q = rng.normal(size=(n, 4))
@@ -171,6 +247,41 @@ def background(shape: tuple[int, int], pc: tuple[float, float, float], width: fl
     r, c = np.mgrid[0:sy, 0:sx]
     d2 = (c + 0.5 - pc[0] * sx) ** 2 + (r + 0.5 - pc[1] * sy) ** 2
     return (0.25 + 0.75 * np.exp(-d2 / (2 * (width * sx) ** 2))).astype(np.float32)
+
+
+def shadow(shape: tuple[int, int], fraction: float) -> np.ndarray:
+    """Transmission of a detector shadow covering ``fraction`` of the pattern area.
+
+    The shadow enters from the bottom of the pattern (rows of high index), its
+    straight edge tilted by :data:`SHADOW_EDGE_ANGLE` so that it is deepest in
+    the lower-left corner, as the sample or its holder shadows the phosphor in
+    sodium maps. Inside it the transmission is :data:`SHADOW_TRANSMISSION`;
+    across the edge it changes smoothly (logistic, scale :data:`SHADOW_EDGE`
+    of the detector width). The edge is placed where the hard-edged shadow
+    would cover ``fraction`` of the pixel centres, so the covered area is
+    ``fraction`` to within the symmetric blur of the edge.
+
+    Parameters
+    ----------
+    shape
+        Detector ``(sy, sx)``.
+    fraction
+        Shadowed fraction of the pattern area, in [0, 1); 0 gives no shadow.
+
+    Returns
+    -------
+    transmission : (sy, sx) float32 array
+        1 outside the shadow, :data:`SHADOW_TRANSMISSION` inside.
+    """
+    sy, sx = shape
+    if fraction <= 0:
+        return np.ones(shape, dtype=np.float32)
+    r, c = np.mgrid[0:sy, 0:sx] + 0.5
+    phi = np.deg2rad(SHADOW_EDGE_ANGLE)
+    depth = r * np.cos(phi) - c * np.sin(phi)  # px, grows towards the lower-left corner
+    edge = np.quantile(depth, 1.0 - fraction)
+    inside = 0.5 * (1.0 + np.tanh((depth - edge) / (2.0 * SHADOW_EDGE * sx)))  # logistic
+    return (1.0 - (1.0 - SHADOW_TRANSMISSION) * inside).astype(np.float32)
 
 
 def camera_patterns(master: MasterPattern, detector: Detector, quaternions: np.ndarray,
@@ -209,11 +320,13 @@ def synthetic_map(
 ) -> SyntheticMap:
     """Draw a columnar-grain map and simulate its raw patterns.
 
-    Each diffracting pixel's pattern is ``counts · B · (1 + contrast · K)``
-    with Poisson noise, where ``B`` is :func:`background` and ``K`` the
-    projected master pattern scaled to zero mean and unit standard deviation;
-    pores get ``counts · B`` alone. Patterns are blurred, then rescaled into
-    uint8 with the same gain for the whole map.
+    Each diffracting pixel's pattern is ``counts · B · T · (1 + c · K)``
+    with Poisson noise, where ``B`` is :func:`background`, ``T`` the
+    :func:`shadow` transmission, ``K`` the projected master pattern scaled to
+    zero mean and unit standard deviation, and ``c`` the contrast
+    (``weak_contrast`` at weak pixels); pores get ``counts · B · T`` alone.
+    Patterns are blurred, then rescaled into uint8 with the same gain for the
+    whole map.
 
     Parameters
     ----------
@@ -238,16 +351,22 @@ def synthetic_map(
         grain_q = given[np.arange(n_grains) % len(given)]
     quaternions = grain_q[grain_ids.ravel()]
     diffracting = pores(config, rng)
+    weak = weak_pixels(diffracting, config.weak_fraction, np.random.default_rng([config.seed, 1]))
 
     kikuchi = camera_patterns(master, detector, quaternions, config.supersample)
     kikuchi -= kikuchi.mean(axis=(1, 2), keepdims=True)
     kikuchi /= np.maximum(kikuchi.std(axis=(1, 2), keepdims=True), 1e-12)  # unit std
     kikuchi[~diffracting.ravel()] = 0.0
+    contrast = np.full((ny * nx, 1, 1), config.contrast, dtype=np.float32)
+    contrast[weak.ravel()] = config.weak_contrast
     bg = background(detector.shape, detector.pc, config.background_width)
-    intensity = config.counts * bg[None] * np.clip(1.0 + config.contrast * kikuchi, 0.0, None)
+    bg = bg * shadow(detector.shape, config.shadow_fraction)
+    intensity = config.counts * bg[None] * np.clip(1.0 + contrast * kikuchi, 0.0, None)
     counts = rng.poisson(intensity).astype(np.float32)
+    mean_background = np.float32(config.counts) * bg
     if config.blur > 0:
         counts = ndimage.gaussian_filter(counts, sigma=(0, config.blur, config.blur))
+        mean_background = ndimage.gaussian_filter(mean_background, sigma=config.blur)
     gain = 255.0 / np.percentile(counts, 99.9)
     patterns = np.clip(np.rint(counts * gain), 0, 255).astype(np.uint8)
     return SyntheticMap(
@@ -255,7 +374,9 @@ def synthetic_map(
         quaternions=quaternions,
         grain_ids=grain_ids,
         diffracting=diffracting,
+        weak=weak,
         detector=detector,
+        static_background=(mean_background * gain).astype(np.float32),
         step_size=config.step_size,
         config=config,
     )
@@ -264,18 +385,29 @@ def synthetic_map(
 def save_synthetic_map(smap: SyntheticMap, path: str | Path) -> None:
     """Write a synthetic map and its truth to a compressed ``.npz`` file."""
     det = smap.detector
+    extra = {} if smap.static_background is None else {"static_background": smap.static_background}
     np.savez_compressed(
         path, patterns=smap.patterns, quaternions=smap.quaternions, grain_ids=smap.grain_ids,
-        diffracting=smap.diffracting, pc=np.asarray(det.pc), sample_tilt=det.sample_tilt,
-        detector_tilt=det.tilt, step_size=smap.step_size)
+        diffracting=smap.diffracting, weak=smap.weak, pc=np.asarray(det.pc),
+        sample_tilt=det.sample_tilt, detector_tilt=det.tilt, step_size=smap.step_size, **extra)
 
 
 def load_synthetic_map(path: str | Path) -> SyntheticMap:
-    """Read a map written by :func:`save_synthetic_map`."""
+    """Read a map written by :func:`save_synthetic_map`.
+
+    Files written before weak pixels and the static background were stored
+    (such as the bundled demo map) read with no weak pixels and
+    ``static_background = None``.
+    """
     with np.load(path) as f:
         patterns = f["patterns"]
+        diffracting = f["diffracting"]
         det = Detector(shape=patterns.shape[2:], pc=tuple(f["pc"]),
                        sample_tilt=float(f["sample_tilt"]), tilt=float(f["detector_tilt"]))
         return SyntheticMap(
             patterns=patterns, quaternions=f["quaternions"], grain_ids=f["grain_ids"],
-            diffracting=f["diffracting"], detector=det, step_size=float(f["step_size"]))
+            diffracting=diffracting,
+            weak=f["weak"] if "weak" in f.files else np.zeros_like(diffracting),
+            detector=det,
+            static_background=f["static_background"] if "static_background" in f.files else None,
+            step_size=float(f["step_size"]))

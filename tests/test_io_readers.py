@@ -34,6 +34,7 @@ def test_kikuchipy_file_lazily_with_detector():
     assert stack.detector.sample_tilt == pytest.approx(reference.detector.sample_tilt)
     assert stack.step_size == pytest.approx(reference.axes_manager["x"].scale)
     np.testing.assert_array_equal(np.asarray(stack.data), reference.data)
+    assert stack.band_contrast is None  # only Oxford files store one
 
 
 @pytest.mark.parametrize("make, message", [
@@ -53,3 +54,45 @@ def test_wrong_rank_and_dtype():
         as_pattern_stack(np.zeros(5))
     with pytest.raises(PatternFileError, match="dtype"):
         as_pattern_stack(np.zeros((2, 3, 3), dtype=complex))
+
+
+def _write_h5oina(path, band_contrast=None, ny=2, nx=3, sy=8, sx=10):
+    """A minimal Oxford h5oina file (the datasets kikuchipy's reader needs)."""
+    import h5py
+
+    patterns = np.arange(ny * nx * sy * sx, dtype=np.uint8).reshape(ny * nx, sy, sx)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("Manufacturer", data="Oxford Instruments")
+        f.create_dataset("Format Version", data="5.0")
+        header = f.create_group("1/EBSD/Header")
+        for key, value in {"X Cells": nx, "Y Cells": ny, "Pattern Height": sy,
+                           "Pattern Width": sx, "X Step": 0.5, "Y Step": 0.5}.items():
+            header.create_dataset(key, data=value)
+        data = f.create_group("1/EBSD/Data")
+        data.create_dataset("Processed Patterns", data=patterns)
+        if band_contrast is not None:
+            data.create_dataset("Band Contrast", data=band_contrast)
+    return patterns.reshape(ny, nx, sy, sx)
+
+
+def test_h5oina_band_contrast_is_read(tmp_path):
+    path = tmp_path / "map.h5oina"
+    bc = np.array([[0], [5], [11], [120], [200], [255]], dtype=np.uint8)  # (n, 1) as AZtec writes
+    patterns = _write_h5oina(path, band_contrast=bc)
+    stack = read_patterns(path)
+    assert stack.map_shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(stack.data), patterns)
+    assert stack.band_contrast.dtype == np.float32
+    np.testing.assert_array_equal(stack.band_contrast, bc.reshape(2, 3))
+    assert stack.step_size == pytest.approx(0.5)
+
+
+def test_band_contrast_absent_or_wrong_size(tmp_path, caplog):
+    _write_h5oina(tmp_path / "none.h5oina")
+    assert read_patterns(tmp_path / "none.h5oina").band_contrast is None
+    _write_h5oina(tmp_path / "bad.h5oina", band_contrast=np.zeros(5, np.uint8))
+    with caplog.at_level("WARNING", logger="dpm"):
+        assert read_patterns(tmp_path / "bad.h5oina").band_contrast is None
+    assert "Band Contrast holds 5 values for a map of 2 x 3" in caplog.text
+    np.save(tmp_path / "p.npy", np.zeros((2, 4, 4)))
+    assert read_patterns(tmp_path / "p.npy").band_contrast is None

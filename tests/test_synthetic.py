@@ -1,13 +1,15 @@
 """Synthetic maps: the truth they report must be the map they draw."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from dpm.detector import Detector
 from dpm.master import simulate_master_pattern
 from dpm.projection import project
-from dpm.synthetic import (SyntheticConfig, background, columnar_grains, load_synthetic_map, pores,
-                           save_synthetic_map, synthetic_map)
+from dpm.synthetic import (SHADOW_TRANSMISSION, SyntheticConfig, background, columnar_grains,
+                           load_synthetic_map, pores, save_synthetic_map, shadow, synthetic_map)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,71 @@ def test_given_grain_orientations(li_master, detector):
     assert np.allclose(smap.quaternions, q[ids % 2])
 
 
-def test_bad_config():
-    with pytest.raises(ValueError, match="pore_fraction"):
-        SyntheticConfig(pore_fraction=1.5)
+@pytest.mark.parametrize("kwargs, message", [
+    ({"pore_fraction": 1.5}, "pore_fraction"),
+    ({"weak_fraction": 1.5}, "weak_fraction"),
+    ({"weak_contrast": -0.1}, "weak_contrast"),
+    ({"shadow_fraction": 1.0}, "shadow_fraction"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SyntheticConfig(**kwargs)
+
+
+def test_weak_pixels_diffract_faintly(li_master, detector):
+    base = SyntheticConfig(map_shape=(10, 12), counts=1e5, contrast=0.3, blur=0, pore_fraction=0.1)
+    plain = synthetic_map(li_master, detector, base)
+    config = replace(base, weak_fraction=0.4, weak_contrast=0.06)
+    smap = synthetic_map(li_master, detector, config)
+    # the weak draw has its own random stream: grains, orientations and pores are unchanged
+    assert np.array_equal(smap.grain_ids, plain.grain_ids)
+    assert np.array_equal(smap.diffracting, plain.diffracting)
+    assert np.array_equal(smap.quaternions, plain.quaternions)
+    assert not (smap.weak & ~smap.diffracting).any()
+    assert smap.weak.sum() == round(0.4 * smap.diffracting.sum())
+    assert not plain.weak.any()
+    # relative Kikuchi signal: the pattern over the background, zero mean
+    bg = background(detector.shape, detector.pc, base.background_width)
+    rel = smap.patterns.reshape(120, -1) / bg.ravel()
+    rel = rel / rel.mean(axis=1, keepdims=True) - 1
+    signal = rel.std(axis=1)
+    normal = smap.diffracting.ravel() & ~smap.weak.ravel()
+    ratio = np.median(signal[smap.weak.ravel()]) / np.median(signal[normal])
+    assert ratio == pytest.approx(0.06 / 0.3, rel=0.2)
+
+
+def test_shadow_covers_its_fraction_from_the_lower_left():
+    t = shadow((60, 60), 0.25)
+    assert ((1 - t) / (1 - SHADOW_TRANSMISSION)).mean() == pytest.approx(0.25, abs=0.01)
+    assert t.min() == pytest.approx(SHADOW_TRANSMISSION, abs=1e-3) and t.max() == 1.0
+    assert t[-1, 0] < 0.11 and (t[0] == 1).all() and t[-1, -1] > t[-1, 0]
+    assert (shadow((60, 60), 0.0) == 1).all()
+
+
+def test_shadow_and_static_background(li_master, detector):
+    # no Kikuchi signal: the mean pattern of the stack is the camera's static background
+    config = SyntheticConfig(map_shape=(20, 20), contrast=0.0, shadow_fraction=0.3, seed=4)
+    smap = synthetic_map(li_master, detector, config)
+    t = shadow(detector.shape, 0.3)
+    mean = smap.patterns.reshape(-1, *detector.shape).mean(axis=0)
+    dark, bright = t < 0.2, t == 1
+    # the same shadow on every pattern: the mean pattern is dark there
+    assert mean[dark].mean() < 0.2 * mean[bright].mean()
+    assert smap.static_background.shape == detector.shape
+    assert smap.static_background.dtype == np.float32
+    assert np.abs(mean - smap.static_background).max() < 0.02 * smap.static_background.max()
+
+
+def test_new_fields_roundtrip_and_old_files_load(li_master, detector, tmp_path):
+    config = SyntheticConfig(map_shape=(4, 5), weak_fraction=0.5, shadow_fraction=0.2, seed=7)
+    a = synthetic_map(li_master, detector, config)
+    save_synthetic_map(a, tmp_path / "m.npz")
+    c = load_synthetic_map(tmp_path / "m.npz")
+    assert np.array_equal(c.weak, a.weak) and c.weak.any()
+    np.testing.assert_array_equal(c.static_background, a.static_background)
+    # files written before the new fields (the bundled demo map) read without them
+    from dpm.demo import demo_path
+
+    demo = load_synthetic_map(demo_path())
+    assert demo.weak.shape == demo.diffracting.shape and not demo.weak.any()
+    assert demo.static_background is None

@@ -3,7 +3,8 @@
 :func:`read_patterns` never loads a whole stack: ``.npy`` files are memory
 mapped and vendor files come back as kikuchipy's lazy dask arrays, so stages
 read the chunks they process. What the file says about the detector, the static
-background and the step size is returned beside the data.
+background, the step size and the vendor's band contrast is returned beside
+the data.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class PatternStack:
         Static background stored in the file.
     step_size
         Map step in µm, or None when the file does not say.
+    band_contrast : (ny, nx) float32 array or None
+        Band contrast (0–255) the acquisition software stored per pattern
+        (Oxford h5oina: ``EBSD/Data/Band Contrast`` of the scan read), or None.
     """
 
     data: Any
@@ -48,6 +52,7 @@ class PatternStack:
     detector: Detector | None = None
     static_background: np.ndarray | None = None
     step_size: float | None = None
+    band_contrast: np.ndarray | None = None
 
     @property
     def map_shape(self) -> tuple[int, int]:
@@ -136,7 +141,44 @@ def _read_with_kikuchipy(path: Path) -> PatternStack:
             background = None
     return PatternStack(
         data=stack.data, source=str(path), detector=_detector_from_kikuchipy(signal.detector),
-        static_background=background, step_size=step)
+        static_background=background, step_size=step,
+        band_contrast=_oxford_band_contrast(path, stack.map_shape))
+
+
+def _oxford_band_contrast(path: Path, map_shape: tuple[int, int]) -> np.ndarray | None:
+    """Band contrast of an Oxford h5oina file, as a ``(ny, nx)`` float32 array, or None.
+
+    kikuchipy reads the patterns of the first top-level group of an h5oina
+    file but not its band contrast, so it is read here from the same group:
+    dataset ``EBSD/Data/Band Contrast`` (one value per pattern, 0–255, in
+    acquisition order, which is row-major map order). Files of other vendors,
+    and h5oina files without the dataset, give None; a dataset whose size
+    differs from the map's is ignored with a warning.
+    """
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        return None
+    with h5py.File(path, "r") as f:
+        manufacturer = f.get("Manufacturer")
+        if not isinstance(manufacturer, h5py.Dataset):
+            return None
+        name = manufacturer[()]
+        name = name.item() if isinstance(name, np.ndarray) else name
+        name = name.decode("latin-1") if isinstance(name, bytes) else str(name)
+        groups = [f[key] for key in f if isinstance(f[key], h5py.Group)]
+        if "oxford" not in name.lower() or not groups:
+            return None
+        dataset = groups[0].get("EBSD/Data/Band Contrast")
+        if not isinstance(dataset, h5py.Dataset):
+            return None
+        where = dataset.name
+        values = np.asarray(dataset[()], dtype=np.float32)
+    if values.size != map_shape[0] * map_shape[1]:
+        log.warning("%s: %s holds %d values for a map of %d x %d patterns; ignoring it",
+                    path, where, values.size, *map_shape)
+        return None
+    return values.reshape(map_shape)
 
 
 def _detector_from_kikuchipy(det: Any) -> Detector | None:
