@@ -83,6 +83,12 @@ class SyntheticConfig:
         removed as the mean of the stack). The 2° dictionary alone still
         finds about 98 % of such pixels within 2°; at 0.03 it finds fewer than
         half, but then band contrast no longer tells weak pixels from pores.
+    weak_distortion
+        Standard deviation of a smooth random intensity modulation (σ = 1/8
+        of the detector width) multiplied into every weak pattern, as surface
+        topography or charging imprint on it (:func:`distortion_fields`): it
+        lowers the NCC of any template far more than the band contrast,
+        which only sees sharp bands. 0 = none.
     shadow_fraction
         Fraction of the pattern area behind a detector shadow (see
         :func:`shadow`), the same on every pattern; 0 = no shadow.
@@ -102,6 +108,7 @@ class SyntheticConfig:
     supersample: int = 4
     weak_fraction: float = 0.0
     weak_contrast: float = 0.065
+    weak_distortion: float = 0.0
     shadow_fraction: float = 0.0
     seed: int = 0
 
@@ -117,6 +124,8 @@ class SyntheticConfig:
             raise ValueError("counts and grain_width must be positive and contrast non-negative")
         if not 0 <= self.weak_fraction <= 1:
             raise ValueError(f"weak_fraction must be in [0, 1], got {self.weak_fraction}")
+        if self.weak_distortion < 0:
+            raise ValueError(f"weak_distortion must be non-negative, got {self.weak_distortion}")
         if self.weak_contrast < 0:
             raise ValueError(f"weak_contrast must be non-negative, got {self.weak_contrast}")
         if not 0 <= self.shadow_fraction < 1:
@@ -249,6 +258,24 @@ def background(shape: tuple[int, int], pc: tuple[float, float, float], width: fl
     return (0.25 + 0.75 * np.exp(-d2 / (2 * (width * sx) ** 2))).astype(np.float32)
 
 
+def distortion_fields(shape: tuple[int, int], n: int, amplitude: float,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Smooth random intensity modulations, as topography or charging imprint on a pattern.
+
+    Each field is white noise blurred with σ = 1/8 of the detector width,
+    scaled to standard deviation ``amplitude`` around 1 and clipped at 0.
+
+    Returns
+    -------
+    fields : (n, sy, sx) float32 array
+    """
+    sy, sx = shape
+    noise = ndimage.gaussian_filter(rng.normal(size=(n, sy, sx)), sigma=(0, sx / 8, sx / 8),
+                                    mode="wrap")
+    noise /= np.maximum(noise.std(axis=(1, 2), keepdims=True), 1e-12)
+    return np.clip(1.0 + amplitude * noise, 0.0, None).astype(np.float32)
+
+
 def shadow(shape: tuple[int, int], fraction: float) -> np.ndarray:
     """Transmission of a detector shadow covering ``fraction`` of the pattern area.
 
@@ -362,6 +389,10 @@ def synthetic_map(
     bg = background(detector.shape, detector.pc, config.background_width)
     bg = bg * shadow(detector.shape, config.shadow_fraction)
     intensity = config.counts * bg[None] * np.clip(1.0 + contrast * kikuchi, 0.0, None)
+    if config.weak_distortion > 0 and weak.any():
+        intensity[weak.ravel()] *= distortion_fields(
+            detector.shape, int(weak.sum()), config.weak_distortion,
+            np.random.default_rng([config.seed, 2]))
     counts = rng.poisson(intensity).astype(np.float32)
     mean_background = np.float32(config.counts) * bg
     if config.blur > 0:

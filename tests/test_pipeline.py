@@ -149,3 +149,28 @@ def test_dynamical_patterns_need_the_dynamical_dictionary():
     with_kinematical, _, _ = _accuracy(dynamical, kinematical)
     assert with_dynamical >= 0.99 and pores_max < grains_p1
     assert with_kinematical < with_dynamical
+
+
+def test_bad_inputs_give_clear_errors_or_flags(smap, li_master, detector):
+    """A background of the wrong shape, a mask hiding every pixel, a PC behind the
+    sample: clear errors; an all-zero pattern: flagged and left unindexed."""
+    from dataclasses import replace
+
+    from dpm.preprocess import PreprocessConfig
+
+    given = IndexConfig(resolution=10.0, preprocess=PreprocessConfig(static_background="given"))
+    with pytest.raises(ValueError, match=r"background shape \(20, 20\).*\(30, 30\)"):
+        index(smap.patterns, detector=detector, master_pattern=li_master,
+              background=np.ones((20, 20)), config=given)
+    with pytest.raises(ValueError, match="hides every detector pixel"):
+        index(smap.patterns, detector=detector, master_pattern=li_master,
+              mask=np.zeros((30, 30), bool), config=IndexConfig(resolution=10.0))
+    with pytest.raises(ValueError, match="PCz"):
+        index(smap.patterns, detector=replace(detector, pc=(0.5, 0.3, -0.2)),
+              master_pattern=li_master, config=IndexConfig(resolution=10.0))
+    zeros = smap.patterns.copy()
+    zeros[0, 0] = 0
+    result = index(zeros, detector=detector, master_pattern=li_master,
+                   config=IndexConfig(resolution=10.0))
+    assert not result.xmap.prop["readable"][0] and result.xmap.phase_id[0] == -1
+    assert result.xmap.prop["readable"][1:].all()

@@ -83,3 +83,60 @@ def test_shared_pattern_centre_recovered_from_a_perturbed_one(li, li_map):
           f"p95 {p95:.3f}°")
     assert np.abs(pc - np.asarray(DETECTOR.pc)).max() < 0.002
     assert mean < 0.2 and p95 < 0.5
+
+
+def test_zero_solutions_replaced_where_the_band_contrast_says_the_pixel_diffracts(li):
+    """5% weak pixels (smooth topography/charging modulation: band contrast > 10, but
+    the NCC too low to index alone) and 3% pores (band contrast <= 10)."""
+    config = SyntheticConfig(map_shape=(30, 40), grain_width=6, seed=5, pore_fraction=0.03,
+                             weak_fraction=0.05, weak_contrast=0.08, weak_distortion=0.3)
+    smap = synthetic_map(li, DETECTOR, config)
+    alone = index(smap.patterns, detector=DETECTOR, master_pattern=li,
+                  config=IndexConfig(zero_solutions=None))
+    result = index(smap.patterns, detector=DETECTOR, master_pattern=li)
+    weak, pores = smap.weak.ravel(), ~smap.diffracting.ravel()
+    bc = result.band_contrast.ravel()
+    angles = disorientation(result.xmap.rotations.data, smap.quaternions, li.phase.point_group)
+    alone_angles = disorientation(alone.xmap.rotations.data, smap.quaternions,
+                                  li.phase.point_group)
+    replaced = np.asarray(result.xmap.prop["replaced"])
+    indexed = result.xmap.phase_id >= 0
+    zs = result.details["zero_solutions"]
+    print(f"weak pixels: {weak.sum()}, band contrast > 10: {(bc[weak] > 10).mean():.2f}, "
+          f"within 2° alone: {(alone_angles[weak] < 2).mean():.2f}, zero solutions: "
+          f"{(alone.scores.ravel()[weak] < zs['threshold']).mean():.2f}, recovered within 2°: "
+          f"{(replaced[weak] & (angles[weak] < 2)).mean():.2f}; pores: {pores.sum()}, "
+          f"band contrast max {bc[pores].max():.1f}, filled {replaced[pores].sum()}, "
+          f"indexed {indexed[pores].sum()}; thresholds {zs}")
+    assert (bc[weak] > 10).all() and (bc[pores] <= 10).all()
+    assert (alone_angles[weak] < 2).mean() < 0.7  # too noisy to index alone
+    assert (replaced[weak] & (angles[weak] < 2)).mean() >= 0.9
+    assert not replaced[pores].any() and not indexed[pores].any()
+
+
+def test_sodium_shadow_mask_and_gaussian_filter():
+    """Na patterns 30% behind a detector shadow: the shadow mask estimated from the
+    static background covers it, and indexing with the mask keeps >= 90% within 2°.
+    The figures with and without the Gaussian filter are printed for the record."""
+    from dpm.preprocess import PreprocessConfig, shadow_mask
+
+    na = shipped_master_pattern("na", 20.0)
+    smap = synthetic_map(na, DETECTOR, SyntheticConfig(map_shape=(20, 30), grain_width=6,
+                                                       seed=9, shadow_fraction=0.3, counts=20))
+    lit = shadow_mask(smap.static_background)
+    true_shadow = smap.static_background < 0.5 * smap.static_background.max()
+    assert (lit & true_shadow).mean() < 0.01 and (~lit).mean() > 0.25
+    diff = smap.diffracting.ravel()
+    fractions = {}
+    for name, pre, mask in [("no filter, no mask", PreprocessConfig(), "none"),
+                            ("mask", PreprocessConfig(), "shadow"),
+                            ("Gaussian 0.7 px + mask", PreprocessConfig(gaussian_sigma=0.7), "shadow"),
+                            ("Gaussian 1 px + mask", PreprocessConfig(gaussian_sigma=1.0), "shadow")]:
+        result = index(smap.patterns, detector=DETECTOR, master_pattern=na,
+                       config=IndexConfig(refine=False, zero_solutions=None, preprocess=pre,
+                                          mask=mask))
+        angles = disorientation(result.xmap.rotations.data.reshape(diff.size, -1, 4)[:, 0],
+                                smap.quaternions, na.phase.point_group)
+        fractions[name] = float((angles[diff] < 2).mean())
+    print(f"Na, 30% shadow, counts 20: fraction within 2° {fractions}")
+    assert fractions["mask"] >= 0.9

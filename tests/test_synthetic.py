@@ -138,3 +138,35 @@ def test_new_fields_roundtrip_and_old_files_load(li_master, detector, tmp_path):
     demo = load_synthetic_map(demo_path())
     assert demo.weak.shape == demo.diffracting.shape and not demo.weak.any()
     assert demo.static_background is None
+
+
+def test_distortion_fields_are_smooth_modulations_of_the_given_strength():
+    from dpm.synthetic import distortion_fields
+
+    fields = distortion_fields((60, 60), 50, 0.3, np.random.default_rng(0))
+    assert fields.shape == (50, 60, 60) and (fields >= 0).all()
+    assert fields.mean() == pytest.approx(1.0, abs=0.02)
+    assert fields.std(axis=(1, 2)).mean() == pytest.approx(0.3, rel=0.05)
+    # smooth: neighbouring pixels almost equal (σ = 60 / 8 px), unlike white noise
+    step = np.abs(np.diff(fields, axis=2)).mean()
+    assert step < 0.05 * 0.3 * 2
+
+
+def test_weak_distortion_modulates_only_weak_pixels(li_master, detector):
+    from scipy import ndimage
+
+    base = SyntheticConfig(map_shape=(8, 10), counts=1e5, blur=0, weak_fraction=0.3,
+                           weak_contrast=0.08)
+    bg = background(detector.shape, detector.pc, base.background_width)
+
+    def smooth_variation(smap):
+        rel = smap.patterns.reshape(80, *detector.shape) / bg
+        rel = rel / rel.mean(axis=(1, 2), keepdims=True)
+        return ndimage.gaussian_filter(rel, (0, 4, 4)).std(axis=(1, 2))
+
+    plain = smooth_variation(synthetic_map(li_master, detector, base))
+    distorted = smooth_variation(synthetic_map(li_master, detector,
+                                               replace(base, weak_distortion=0.3)))
+    weak = synthetic_map(li_master, detector, base).weak.ravel()
+    assert np.median(distorted[weak]) > 5 * np.median(plain[weak])
+    np.testing.assert_allclose(distorted[~weak], plain[~weak], rtol=0.15)  # the gain changes
