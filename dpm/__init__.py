@@ -39,6 +39,15 @@ _PUBLIC = {
     "MatchResult": "dpm.match",
     "synthetic_map": "dpm.synthetic",
     "read_patterns": "dpm.io.readers",
+    "PreprocessConfig": "dpm.preprocess",
+    "preprocess_stack": "dpm.preprocess",
+    "band_contrast": "dpm.quality",
+    "pattern_quality": "dpm.quality",
+    "refine": "dpm.refine",
+    "RefineConfig": "dpm.refine",
+    "RefineResult": "dpm.refine",
+    "replace_zero_solutions": "dpm.cleanup",
+    "ZeroSolutionConfig": "dpm.cleanup",
 }
 
 __all__ = sorted(_PUBLIC)
