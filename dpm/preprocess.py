@@ -721,8 +721,10 @@ def shadow_mask(static_background: Any, *, fraction: float = 0.5, sigma: float |
     normalised Gaussian blur (σ = ``sigma``) over the pixels not yet in
     shadow, ``blur(b * lit) / blur(lit)``, so a shadow does not drag it down
     and it extrapolates into the shadow; pixels beyond the blur's reach of any
-    lit pixel stay in shadow. Starting from "all lit", the estimate is
-    repeated ``iterations`` times. The shadow is then cleaned by a
+    lit pixel stay in shadow. Starting from the pixels brighter than
+    ``fraction`` times the brightest (surely lit), the estimate is repeated
+    ``iterations`` times, so a deep shadow is compared with the illumination
+    extrapolated from lit pixels rather than with itself. The shadow is then cleaned by a
     morphological opening (removes isolated dark pixels, e.g. dead pixels)
     and a closing (fills small lit holes in the shadow), with a disc of radius
     ``clean_radius`` pixels.
@@ -764,7 +766,7 @@ def shadow_mask(static_background: Any, *, fraction: float = 0.5, sigma: float |
         raise ValueError(f"Expected clean_radius >= 0 and iterations >= 1, got "
                          f"{clean_radius!r} and {iterations!r}")
     sigma = b.shape[1] / 8 if sigma is None else _check_positive("sigma", sigma)
-    lit = np.ones(b.shape, dtype=bool)
+    lit = b >= fraction * b.max()  # surely lit: the bright core of the background
     for _ in range(iterations):
         stacked = np.stack([b * lit, lit.astype(np.float64)]).astype(np.float32)
         numerator, weight = gaussian_blur(stacked, sigma).astype(np.float64)

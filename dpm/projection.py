@@ -46,6 +46,22 @@ _DEVICE_MASTERS: weakref.WeakKeyDictionary[MasterPattern, tuple[ModuleType, Any,
     weakref.WeakKeyDictionary())
 
 
+@nb.njit(inline="always", cache=True)
+def rotation_matrix_scalar(a: float, b: float, c: float, d: float) -> tuple:  # pragma: no cover
+    """Row-major active rotation matrix of quaternion ``(a, b, c, d)`` (any norm), in float64.
+
+    The CPU twin of the kernels' rotation: ``u = R v`` takes a sample-frame
+    direction to the crystal frame (orix convention).
+    """
+    a, b, c, d = np.float64(a), np.float64(b), np.float64(c), np.float64(d)
+    s = 1.0 / (a * a + b * b + c * c + d * d)
+    return ((a * a + b * b - c * c - d * d) * s, 2.0 * (b * c - a * d) * s,
+            2.0 * (a * c + b * d) * s, 2.0 * (a * d + b * c) * s,
+            (a * a - b * b + c * c - d * d) * s, 2.0 * (c * d - a * b) * s,
+            2.0 * (b * d - a * c) * s, 2.0 * (a * b + c * d) * s,
+            (a * a - b * b - c * c + d * d) * s)
+
+
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def _project_numba(northern: np.ndarray, southern: np.ndarray, vectors: np.ndarray,
                    quaternions: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover (numba)
@@ -61,20 +77,8 @@ def _project_numba(northern: np.ndarray, southern: np.ndarray, vectors: np.ndarr
     last = side - 1
     half = 0.5 * last
     for i in nb.prange(n):
-        a = np.float64(quaternions[i, 0])
-        b = np.float64(quaternions[i, 1])
-        c = np.float64(quaternions[i, 2])
-        d = np.float64(quaternions[i, 3])
-        s = 1.0 / (a * a + b * b + c * c + d * d)
-        m00 = (a * a + b * b - c * c - d * d) * s
-        m01 = 2.0 * (b * c - a * d) * s
-        m02 = 2.0 * (a * c + b * d) * s
-        m10 = 2.0 * (a * d + b * c) * s
-        m11 = (a * a - b * b + c * c - d * d) * s
-        m12 = 2.0 * (c * d - a * b) * s
-        m20 = 2.0 * (b * d - a * c) * s
-        m21 = 2.0 * (a * b + c * d) * s
-        m22 = (a * a - b * b - c * c + d * d) * s
+        m00, m01, m02, m10, m11, m12, m20, m21, m22 = rotation_matrix_scalar(
+            quaternions[i, 0], quaternions[i, 1], quaternions[i, 2], quaternions[i, 3])
         total = 0.0
         total2 = 0.0
         for p in range(npix):

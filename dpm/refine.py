@@ -80,6 +80,7 @@ import numpy as np
 from dpm import backend
 from dpm.detector import Detector, as_detector, sample_to_detector_matrix
 from dpm.master import MasterPattern
+from dpm.projection import rotation_matrix_scalar
 
 if TYPE_CHECKING:
     from kikuchipy.detectors import EBSDDetector
@@ -330,20 +331,8 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
             directions[p, 2] = wz / wn
             directions[p, 3] = wn
     for i in nb.prange(m):
-        qa = np.float64(quaternions[i, 0])
-        qb = np.float64(quaternions[i, 1])
-        qc = np.float64(quaternions[i, 2])
-        qd = np.float64(quaternions[i, 3])
-        qs = 1.0 / (qa * qa + qb * qb + qc * qc + qd * qd)
-        r00 = (qa * qa + qb * qb - qc * qc - qd * qd) * qs
-        r01 = 2.0 * (qb * qc - qa * qd) * qs
-        r02 = 2.0 * (qa * qc + qb * qd) * qs
-        r10 = 2.0 * (qa * qd + qb * qc) * qs
-        r11 = (qa * qa - qb * qb + qc * qc - qd * qd) * qs
-        r12 = 2.0 * (qc * qd - qa * qb) * qs
-        r20 = 2.0 * (qb * qd - qa * qc) * qs
-        r21 = 2.0 * (qa * qb + qc * qd) * qs
-        r22 = (qa * qa - qb * qb - qc * qc + qd * qd) * qs
+        r00, r01, r02, r10, r11, r12, r20, r21, r22 = rotation_matrix_scalar(
+            quaternions[i, 0], quaternions[i, 1], quaternions[i, 2], quaternions[i, 3])
         pcx = np.float64(pcs[i, 0])
         pcy = np.float64(pcs[i, 1])
         pcz = np.float64(pcs[i, 2])
