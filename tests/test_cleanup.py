@@ -197,9 +197,10 @@ def _grain_block(smap: SyntheticMap) -> np.ndarray:
 def scene() -> Scene:
     """A 16 x 16 Li map (60 x 60 px patterns) refined as a failed indexing would leave it.
 
-    Normal pixels start 1° from the truth; weak pixels, pores and one 3 x 3
-    block of normal pixels start at random orientations, as when dictionary
-    indexing fails. Band contrast is a test-side stand-in derived from the
+    Weak pixels carry a smooth topography/charging modulation (too low an NCC
+    to trust alone). Normal pixels start 1° from the truth; weak pixels, pores
+    and one 3 x 3 block of normal pixels start at random orientations, as when
+    dictionary indexing fails. Band contrast is a test-side stand-in derived from the
     truth (0 in pores, 100 elsewhere): ``dpm.quality.band_contrast`` puts
     most weak pixels of this map at or below 10.
     """
@@ -211,8 +212,9 @@ def scene() -> Scene:
 
     master = shipped_master_pattern("li", 20.0)
     det = Detector(shape=(60, 60), pc=(0.5, 0.45, 0.6))
-    smap = synthetic_map(master, det, SyntheticConfig(map_shape=(16, 16), pore_fraction=0.1,
-                                                      weak_fraction=0.08, seed=1))
+    smap = synthetic_map(master, det, SyntheticConfig(
+        map_shape=(16, 16), pore_fraction=0.1, weak_fraction=0.08, weak_contrast=0.08,
+        weak_distortion=0.3, seed=1))
     # the map's own static background: few grains make the mean pattern a poor one
     rows, readable = prepare_stack(
         as_pattern_stack(smap.patterns), det, mask=None, background=smap.static_background,
