@@ -62,6 +62,24 @@ def rotation_matrix_scalar(a: float, b: float, c: float, d: float) -> tuple:  # 
             (a * a - b * b - c * c + d * d) * s)
 
 
+@nb.njit(inline="always", cache=True)
+def lambert_cell(side: int, a: float, b: float) -> tuple[int, int, int, int, float, float]:  # pragma: no cover
+    """Grid cell of Lambert point ``(a, b)`` on a ``side²`` grid, as kikuchipy and EMsoft.
+
+    Returns ``(r0, c0, r1, c1, dy, dx)``: the rows and columns of the four
+    nodes (clamped to the grid) and the fractional offsets for bilinear weights.
+    """
+    last = side - 1
+    half = 0.5 * last
+    xp = min(max(half * a + half, 0.0), last)
+    yp = min(max(half * b + half, 0.0), last)
+    c0 = int(xp)
+    r0 = int(yp)
+    c1 = c0 + 1 if c0 + 1 < side else c0
+    r1 = r0 + 1 if r0 + 1 < side else r0
+    return r0, c0, r1, c1, yp - r0, xp - c0
+
+
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def _project_numba(northern: np.ndarray, southern: np.ndarray, vectors: np.ndarray,
                    quaternions: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover (numba)
@@ -74,8 +92,6 @@ def _project_numba(northern: np.ndarray, southern: np.ndarray, vectors: np.ndarr
     n = quaternions.shape[0]
     npix = vectors.shape[0]
     side = northern.shape[0]
-    last = side - 1
-    half = 0.5 * last
     for i in nb.prange(n):
         m00, m01, m02, m10, m11, m12, m20, m21, m22 = rotation_matrix_scalar(
             quaternions[i, 0], quaternions[i, 1], quaternions[i, 2], quaternions[i, 3])
@@ -89,14 +105,7 @@ def _project_numba(northern: np.ndarray, southern: np.ndarray, vectors: np.ndarr
             yc = m10 * x + m11 * y + m12 * z
             zc = m20 * x + m21 * y + m22 * z
             la, lb = vector_to_lambert_scalar(xc, yc, zc)
-            xp = min(max(half * la + half, 0.0), last)
-            yp = min(max(half * lb + half, 0.0), last)
-            c0 = int(xp)
-            r0 = int(yp)
-            c1 = c0 + 1 if c0 + 1 < side else c0
-            r1 = r0 + 1 if r0 + 1 < side else r0
-            dx = xp - c0
-            dy = yp - r0
+            r0, c0, r1, c1, dy, dx = lambert_cell(side, la, lb)
             mp = northern if zc >= 0.0 else southern
             value = np.float32(mp[r0, c0] * (1.0 - dy) * (1.0 - dx)
                                + mp[r1, c0] * dy * (1.0 - dx)

@@ -80,7 +80,7 @@ import numpy as np
 from dpm import backend
 from dpm.detector import Detector, as_detector, sample_to_detector_matrix
 from dpm.master import MasterPattern
-from dpm.projection import rotation_matrix_scalar
+from dpm.projection import lambert_cell, rotation_matrix_scalar
 
 if TYPE_CHECKING:
     from kikuchipy.detectors import EBSDDetector
@@ -263,17 +263,7 @@ def _lambert(x: float, y: float, z: float, s: float) -> tuple[float, float]:  # 
 @nb.njit(inline="always", cache=True)
 def _bilinear3(tables: np.ndarray, h: int, a: float, b: float) -> tuple[float, float, float]:  # pragma: no cover
     """Bilinear lookup of (I, ∂I/∂a, ∂I/∂b) on hemisphere ``h`` of the tables (as refine.cu)."""
-    side = tables.shape[1]
-    last = side - 1
-    half = 0.5 * last
-    xp = min(max(half * a + half, 0.0), last)
-    yp = min(max(half * b + half, 0.0), last)
-    c0 = int(xp)
-    r0 = int(yp)
-    c1 = c0 + 1 if c0 + 1 < side else c0
-    r1 = r0 + 1 if r0 + 1 < side else r0
-    dx = xp - c0
-    dy = yp - r0
+    r0, c0, r1, c1, dy, dx = lambert_cell(tables.shape[1], a, b)
     w00 = (1.0 - dy) * (1.0 - dx)
     w10 = dy * (1.0 - dx)
     w01 = (1.0 - dy) * dx
