@@ -477,6 +477,8 @@ def index(
     match_config = MatchConfig(keep=config.keep, memory_budget=config.memory_budget,
                                progress=progress)
     refinement = config.refinement
+    if refinement.memory_budget is None and config.memory_budget is not None:
+        refinement = replace(refinement, memory_budget=config.memory_budget)
     if config.refine and refinement.pattern_centre == "shared":
         # Calibrate first, as the protocol does: fit one PC on a subset, then
         # match the whole map with it (a wrong PC costs dictionary matches).

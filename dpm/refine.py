@@ -92,6 +92,9 @@ N_SUMS = 42
 #: Successive halving: after ``k`` iterations, candidates whose NCC is below
 #: ``fraction`` times their pattern's best stop (``(k, fraction)`` pairs).
 _PRUNE_SCHEDULE = ((1, 0.9),)
+#: Device bytes per candidate: optimiser state (quaternion, PC, NCC, gradient,
+#: 6 x 6 matrix, radii, damping), a trial copy, the kernel's 42 sums, slack.
+_BYTES_PER_CANDIDATE = 2048
 #: Threads per block of the CUDA kernel (a power of two; see the launch site).
 _GPU_THREADS = 128
 #: Smallest NCC used to scale the curvature (a weaker correlation is noise).
@@ -129,6 +132,10 @@ class RefineConfig:
         Iterations at most (each is one kernel call over the unconverged candidates).
     pc_subset
         Patterns used to fit a shared PC (those with the highest starting NCC).
+    memory_budget
+        Bytes the candidates' optimiser state may take on the patterns' device
+        (None: half the free memory); candidates are refined in batches of
+        whole patterns that fit it.
     """
 
     pattern_centre: PatternCentreMode = "fixed"
@@ -140,6 +147,7 @@ class RefineConfig:
     pc_tolerance: float = 1e-4
     max_iterations: int = 50
     pc_subset: int = 256
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.pattern_centre not in ("fixed", "shared", "pattern"):
@@ -152,6 +160,9 @@ class RefineConfig:
         for name in ("trust_radius", "pc_trust_radius", "tolerance", "pc_tolerance"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.memory_budget is not None and not self.memory_budget > 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes or None, "
+                             f"got {self.memory_budget!r}")
         if not self.distinct_angle >= 0:
             raise ValueError(f"distinct_angle must be >= 0 degrees, got {self.distinct_angle}")
 
@@ -811,6 +822,35 @@ def fit_shared_pattern_centre(patterns: Any, rmaster: RefinementMaster, detector
     return backend.to_host(pc), backend.to_host(q), total / n
 
 
+def _refine_candidates(problem: _Problem, item_pattern: Any, q0: Any, pcs: Any,
+                       pattern_of: np.ndarray, n: int, config: RefineConfig, with_pc: bool,
+                       report: Callable[[int], None]) -> _State:
+    """Levenberg–Marquardt for one batch of candidates, with successive halving."""
+    state = _init_state(problem, item_pattern, q0, pcs, config, 6 if with_pc else 3)
+    report(int((~state.active).sum()))
+    # Successive halving: candidates far below their pattern's best NCC cannot
+    # win once every candidate is near its maximum; they stop early.
+    # Not with a per-pattern PC: a start NCC then also reflects the PC error.
+    done = 0
+    for after, fraction in () if with_pc else _PRUNE_SCHEDULE:
+        if after > done:
+            state = _run_lm(problem, item_pattern, state,
+                            replace(config, max_iterations=min(after, config.max_iterations) - done),
+                            with_pc=with_pc, progress=report)
+            done = min(after, config.max_iterations)
+        ncc_now = backend.to_host(state.ncc)
+        best = np.zeros(n)
+        np.maximum.at(best, pattern_of, ncc_now)
+        dominated = state.active & (ncc_now < fraction * best[pattern_of])
+        state.active &= ~dominated
+        report(int(dominated.sum()))
+    if config.max_iterations > done:
+        state = _run_lm(problem, item_pattern, state,
+                        replace(config, max_iterations=config.max_iterations - done),
+                        with_pc=with_pc, progress=report)
+    return state
+
+
 def refine(
     patterns: Any,
     master: MasterPattern | RefinementMaster,
@@ -872,67 +912,57 @@ def refine(
     keep = distinct_starts(starts_host, _symmetry_quaternions(rmaster.master),
                            config.distinct_angle) & valid_host[:, None]
     pattern_of, start_of = np.nonzero(keep)
-    item_pattern = xp.asarray(pattern_of.astype(np.int32))
-    q0 = xp.asarray(starts_host[pattern_of, start_of])
+    q0 = starts_host[pattern_of, start_of]
     pc_start = np.asarray(det.pc, dtype=np.float64)
+    # Candidates in batches of whole patterns, sized from the byte budget.
+    batch = max(1, backend.memory_budget(xp, config.memory_budget) // _BYTES_PER_CANDIDATE)
 
     if config.pattern_centre == "shared":
         best = np.flatnonzero(valid_host)
-        state0 = _init_state(problem, item_pattern, q0,
-                             xp.tile(xp.asarray(pc_start), (len(pattern_of), 1)), config, 3)
-        first = start_of == 0
         score0 = np.full(n, -np.inf)
-        score0[pattern_of[first]] = backend.to_host(state0.ncc)[first]
+        for lo in range(0, len(best), batch):
+            part = best[lo:lo + batch]
+            ncc0 = correlation_terms(problem.sums(
+                xp.asarray(part.astype(np.int32)), xp.asarray(starts_host[part, 0]),
+                xp.tile(xp.asarray(pc_start), (len(part), 1)), 3), problem.npix)[0]
+            score0[part] = backend.to_host(ncc0)
         subset = best[np.argsort(-score0[best], kind="stable")[:config.pc_subset]]
         pc_start, _, _ = fit_shared_pattern_centre(
             problem.patterns[xp.asarray(subset)], rmaster, replace(det, pc=tuple(pc_start)),
             starts_host[subset, 0], mask=mask, config=config)
         log.info("shared pattern centre fitted on %d patterns: %s", len(subset), pc_start)
 
-    pcs = xp.tile(xp.asarray(pc_start), (len(pattern_of), 1))
     with_pc = config.pattern_centre == "pattern"
-    state = _init_state(problem, item_pattern, q0, pcs, config, 6 if with_pc else 3)
-    report, close = _progress(progress, len(pattern_of))
-    report(int((~state.active).sum()))
-    # Successive halving: candidates far below their pattern's best NCC cannot
-    # win once every candidate is near its maximum; they stop early.
-    # Not with a per-pattern PC: a start NCC then also reflects the PC error.
-    done = 0
-    for after, fraction in () if with_pc else _PRUNE_SCHEDULE:
-        if after > done:
-            state = _run_lm(problem, item_pattern, state,
-                            replace(config, max_iterations=min(after, config.max_iterations) - done),
-                            with_pc=with_pc, progress=report)
-            done = min(after, config.max_iterations)
-        ncc_now = backend.to_host(state.ncc)
-        best = np.zeros(n)
-        np.maximum.at(best, pattern_of, ncc_now)
-        dominated = state.active & (ncc_now < fraction * best[pattern_of])
-        state.active &= ~dominated
-        report(int(dominated.sum()))
-    if config.max_iterations > done:
-        state = _run_lm(problem, item_pattern, state,
-                        replace(config, max_iterations=config.max_iterations - done),
-                        with_pc=with_pc, progress=report)
-    close()
-
-    ncc = backend.to_host(state.ncc)
-    order = np.lexsort((-ncc, pattern_of))       # by pattern, best NCC first
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = pattern_of[order][1:] != pattern_of[order][:-1]
-    best_item = order[first]
     quats = starts_host[:, 0].copy()
     quats *= np.where(quats[:, :1] < 0, -1.0, 1.0)
     scores = np.zeros(n, dtype=np.float32)
     pcs_out = np.tile(np.asarray(det.pc, dtype=np.float64), (n, 1))
     iterations = np.zeros(n, dtype=np.int32)
     start = np.full(n, -1, dtype=np.int32)
-    rows = pattern_of[best_item]
-    quats[rows] = backend.to_host(state.q)[best_item]
-    scores[rows] = ncc[best_item]
-    pcs_out[rows] = backend.to_host(state.pc)[best_item]
-    iterations[rows] = backend.to_host(state.iterations)[best_item]
-    start[rows] = start_of[best_item]
+    report, close = _progress(progress, len(pattern_of))
+    hi = 0
+    while hi < len(pattern_of):
+        lo, hi = hi, min(hi + batch, len(pattern_of))
+        if hi < len(pattern_of):  # end on a pattern boundary (one pattern at least)
+            boundary = int(np.searchsorted(pattern_of[lo:hi], pattern_of[hi], side="left"))
+            hi = lo + boundary if boundary > 0 else int(
+                lo + np.searchsorted(pattern_of[lo:], pattern_of[lo], side="right"))
+        part = slice(lo, hi)
+        state = _refine_candidates(problem, xp.asarray(pattern_of[part].astype(np.int32)),
+                                   xp.asarray(q0[lo:hi]), xp.tile(xp.asarray(pc_start), (hi - lo, 1)),
+                                   pattern_of[part], n, config, with_pc, report)
+        ncc = backend.to_host(state.ncc)
+        order = np.lexsort((-ncc, pattern_of[part]))     # by pattern, best NCC first
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = pattern_of[part][order][1:] != pattern_of[part][order][:-1]
+        best_item = order[first]
+        rows = pattern_of[part][best_item]
+        quats[rows] = backend.to_host(state.q)[best_item]
+        scores[rows] = ncc[best_item]
+        pcs_out[rows] = backend.to_host(state.pc)[best_item]
+        iterations[rows] = backend.to_host(state.iterations)[best_item]
+        start[rows] = start_of[part][best_item]
+    close()
     if config.pattern_centre == "shared":
         pcs_out[:] = pc_start
     return RefineResult(quaternions=quats, scores=scores, pcs=pcs_out, iterations=iterations,

@@ -628,3 +628,16 @@ class TestBadInput:
         result = refine(xp.asarray(rows), rmaster, DETECTOR, map_case["starts"][:3])
         assert (result.scores == 0).all() and (result.start == -1).all()
         np.testing.assert_allclose(np.abs(result.quaternions), np.abs(map_case["starts"][:3]))
+
+
+def test_candidate_batches_give_the_same_result(rmaster, map_case):
+    """A byte budget that fits only a few candidates refines them batch by batch (whole
+    patterns per batch): the result equals the one-batch result."""
+    rng = np.random.default_rng(3)
+    starts = np.stack([map_case["starts"], rotated(map_case["starts"], 20.0, rng)], axis=1)
+    rows = map_case["noisy"]
+    whole = refine(rows, rmaster, DETECTOR, starts)
+    batched = refine(rows, rmaster, DETECTOR, starts, config=RefineConfig(memory_budget=3 * 2048))
+    np.testing.assert_allclose(batched.quaternions, whole.quaternions, atol=1e-12)
+    np.testing.assert_array_equal(batched.scores, whole.scores)
+    np.testing.assert_array_equal(batched.start, whole.start)
