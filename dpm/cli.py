@@ -102,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_fields() -> set[str]:
+    """Every field of :class:`dpm.pipeline.IndexConfig` (what config.toml holds)."""
+    import dataclasses
+
+    from dpm.pipeline import IndexConfig
+
+    return {f.name for f in dataclasses.fields(IndexConfig)}
+
+
 def _load_toml(path: str) -> dict[str, Any]:
     try:
         import tomllib
@@ -114,7 +123,7 @@ def _load_toml(path: str) -> dict[str, Any]:
         raise UsageError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
-    unknown = set(data) - set(_INDEX_OPTIONS) - set(_TABLES) - {"chunk_size"}
+    unknown = set(data) - set(_INDEX_OPTIONS) - _config_fields()
     if unknown:
         raise UsageError(f"config file {path}: unknown option(s) {sorted(unknown)}")
     return data
@@ -159,10 +168,11 @@ def _run_index(args: argparse.Namespace) -> int:
                                tilt=opts["detector_tilt"])
     else:
         det = stack.detector
-    fields = {k: opts[k] for k in ("kv", "npx", "method", "resolution", "keep", "refine",
-                                   "device", "chunk_size", "mask") if k in opts}
-    if "memory_budget" in opts:
+    fields = {k: opts[k] for k in _config_fields() - set(_TABLES) if k in opts}
+    if opts.get("memory_budget") is not None:
         fields["memory_budget"] = backend.parse_bytes(opts["memory_budget"])
+    if opts.get("zero_solutions") is False:  # config.toml's spelling of "stage off"
+        opts["zero_solutions"] = None
     for table, cls in (("preprocess", PreprocessConfig), ("refinement", RefineConfig),
                        ("zero_solutions", ZeroSolutionConfig)):
         if table in opts:

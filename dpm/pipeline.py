@@ -117,8 +117,12 @@ class IndexConfig:
                              "with refine=False")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (for ``config.toml`` and ``summary.json``)."""
-        return dataclasses.asdict(self)
+        """Plain nested dict (for ``config.toml`` and ``summary.json``); a stage that is
+        off (``zero_solutions=None``) is written as ``False``, which TOML can hold."""
+        out = dataclasses.asdict(self)
+        if self.zero_solutions is None:
+            out["zero_solutions"] = False
+        return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -54,6 +54,41 @@ def test_index_writes_every_output(stack_file, master_file, tmp_path, keep):
         assert orix_io.load(out / name).size == 20
 
 
+def test_index_with_every_stage_and_its_config_round_trip(stack_file, master_file, tmp_path):
+    """Preprocessing flags, refinement with a shared PC and zero solutions end to end; the
+    written config.toml, read back with --config, reproduces the run's options."""
+    out = tmp_path / "out"
+    args = ["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
+            "--pc", "0.5", "0.3", "0.6", "--resolution", "10", "--mask", "circular",
+            "--gaussian", "0.5", "--average-neighbours", "0.8", "--refine-pc", "shared",
+            "--band-contrast-threshold", "12", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["refined"] is True
+    assert [s["step"] for s in summary["preprocessing"]] == [
+        "static_background", "gaussian_filter", "neighbour_averaging"]
+    assert summary["zero_solutions"]["threshold"] > 0
+    assert (out / "band_contrast.png").is_file() and (out / "pattern_quality.png").is_file()
+    written = (out / "config.toml").read_text()
+    assert 'mask = "circular"' in written and 'pattern_centre = "shared"' in written
+    assert "band_contrast_threshold = 12.0" in written
+    again = tmp_path / "again"
+    assert main(["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
+                 "--pc", "0.5", "0.3", "0.6", "--config", str(out / "config.toml"),
+                 "--out", str(again)]) == 0
+    assert (again / "config.toml").read_text() == written
+
+    off = tmp_path / "off"
+    assert main(["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
+                 "--pc", "0.5", "0.3", "0.6", "--resolution", "10", "--no-zero-solutions",
+                 "--out", str(off)]) == 0
+    assert "zero_solutions" not in json.loads((off / "summary.json").read_text())
+    assert main(["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
+                 "--pc", "0.5", "0.3", "0.6", "--config", str(off / "config.toml"),
+                 "--out", str(tmp_path / "off2")]) == 0
+    assert "zero_solutions" not in json.loads((tmp_path / "off2" / "summary.json").read_text())
+
+
 def test_config_file_and_cli_precedence(stack_file, master_file, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('resolution = 12.0\nkeep = 2\npc = [0.5, 0.3, 0.6]\n')

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 from typing import Any
 
 
@@ -89,6 +91,10 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     if result.band_contrast is not None:
         paths.append(out / "band_contrast.png")
         save_scalar(paths[-1], result.band_contrast, cmap="gray", vmin=0.0, vmax=255.0)
+    if "pattern_quality" in xmap.prop:
+        paths.append(out / "pattern_quality.png")
+        save_scalar(paths[-1], np.asarray(xmap.prop["pattern_quality"]).reshape(result.scores.shape),
+                    cmap="gray", vmin=0.0)
     summary = result.summary() | (extra_summary or {})
     paths[4].write_text(json.dumps(summary, indent=2) + "\n")
     paths[5].write_text(to_toml(result.config.to_dict()))
