@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from typing import Any
 
 
 class OutputError(OSError):
