@@ -48,6 +48,9 @@ _PUBLIC = {
     "RefineResult": "dpm.refine",
     "replace_zero_solutions": "dpm.cleanup",
     "ZeroSolutionConfig": "dpm.cleanup",
+    "grains": "dpm.grains",
+    "GrainConfig": "dpm.grains",
+    "GrainMap": "dpm.grains",
 }
 
 __all__ = sorted(_PUBLIC)

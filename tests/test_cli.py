@@ -44,7 +44,8 @@ def test_index_writes_every_output(stack_file, master_file, tmp_path, keep):
                  "--pc", "0.5", "0.3", "0.6", "--resolution", "10", "--no-refine", "--keep", keep,
                  "--out", str(out)])
     assert code == 0
-    for name in ("map.h5", "map.ang", "ipf_z.png", "scores.png", "summary.json", "config.toml"):
+    for name in ("map.h5", "map.ang", "ipf_z.png", "scores.png", "summary.json", "config.toml",
+                 "grains.csv", "grains.json", "boundaries.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["patterns"] == 20 and summary["refined"] is False
@@ -172,3 +173,31 @@ def test_simulate_dynamical_with_energy_window(tmp_path):
 def test_simulate_bad_input(args, message, tmp_path, capsys):
     assert main([a.format(out=tmp_path / "x.h5") for a in args]) == 2
     assert message in _error_line(capsys)
+
+
+def test_grains_command_on_an_ang_file_matches_the_library(tmp_path, capsys):
+    """`dpm grains` on a .ang written by orix: the same grains as dpm.grains on the map."""
+    from orix import io as orix_io
+    from orix.crystal_map import CrystalMap, PhaseList
+    from orix.quaternion import Rotation
+
+    from dpm.crystal import get_phase
+    from dpm.grains import GrainConfig, reconstruct_grains
+    from dpm.synthetic import columnar_grains, random_quaternions
+
+    rng = np.random.default_rng(4)
+    ids = columnar_grains(SyntheticConfig(map_shape=(12, 30), grain_width=6), rng)
+    q = random_quaternions(int(ids.max()) + 1, rng)[ids.ravel()]
+    y, x = np.divmod(np.arange(ids.size), 30)
+    phase = get_phase("li")
+    xmap = CrystalMap(Rotation(q), x=x * 2.0, y=y * 2.0, phase_list=PhaseList(phase),
+                      scan_unit="um")
+    orix_io.save(str(tmp_path / "map.ang"), xmap)
+    assert main(["grains", str(tmp_path / "map.ang"), "--out", str(tmp_path / "g")]) == 0
+    rows = (tmp_path / "g" / "grains.csv").read_text().strip().splitlines()
+    expected = reconstruct_grains(q, np.ones(ids.size, bool), ids.shape, phase.point_group,
+                                  config=GrainConfig(step_size=2.0))
+    assert len(rows) - 1 == expected.summary["n_grains"] == len(np.unique(ids))
+    summary = json.loads((tmp_path / "g" / "grains.json").read_text())
+    assert summary["mean_width_um"] == pytest.approx(expected.summary["mean_width_um"])
+    assert "grains in map.ang" in capsys.readouterr().out

@@ -1,0 +1,257 @@
+"""Grain reconstruction and statistics against independent oracles.
+
+Oracles: orix ``Orientation.angle_with`` for misorientations, the known grain
+ids of :func:`dpm.synthetic.columnar_grains` (with ``scipy.ndimage.label``
+confirming each grain stays one piece around the pores), brute-force loops
+per grain for the statistics, and :func:`dpm.cleanup.neighbours` for the grid.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from orix.quaternion import Orientation
+from orix.quaternion.symmetry import D6h, Oh
+from scipy import ndimage
+
+from dpm.cleanup import neighbours
+from dpm.grains import (COLUMNS, GrainConfig, boundary_overlay, disorientation_angles,
+                        neighbour_pairs, reconstruct_grains, write_grain_table)
+from dpm.synthetic import SyntheticConfig, columnar_grains, pores, random_quaternions
+
+#: Seed whose map meets the preconditions checked in ``columnar`` (no pore
+#: cuts a grain, adjacent grains > 15° apart).
+SEED = 5
+STEP = 2.0
+NOISE_DEG = 0.3
+
+
+def _axis_angle(axes: np.ndarray, angles_deg: np.ndarray) -> np.ndarray:
+    axes = axes / np.linalg.norm(axes, axis=1, keepdims=True)
+    half = np.radians(angles_deg)[:, None] / 2
+    return np.concatenate([np.cos(half), np.sin(half) * axes], axis=1)
+
+
+def _qmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (Orientation(a) * Orientation(b)).data
+
+
+def _noisy(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each quaternion rotated by NOISE_DEG about a random axis."""
+    noise = _axis_angle(rng.normal(size=(len(q), 3)), np.full(len(q), NOISE_DEG))
+    return _qmul(noise, q)
+
+
+@pytest.fixture(scope="module")
+def columnar():
+    rng = np.random.default_rng(SEED)
+    cfg = SyntheticConfig(map_shape=(60, 200), grain_width=15.0, pore_fraction=0.02, step_size=STEP)
+    truth = columnar_grains(cfg, rng)
+    q_grain = random_quaternions(int(truth.max()) + 1, rng)
+    diffracting = pores(cfg, rng)
+    q = _noisy(q_grain[truth.ravel()], rng)
+    # Preconditions of the oracle.
+    for k in range(len(q_grain)):
+        assert ndimage.label((truth == k) & diffracting)[1] == 1, f"pores cut grain {k}"
+    pairs = neighbour_pairs(truth.shape)
+    a, b = truth.ravel()[pairs[:, 0]], truth.ravel()[pairs[:, 1]]
+    assert disorientation_angles(q_grain[a[a != b]], q_grain[b[a != b]], Oh).min() > 15.0
+    config = GrainConfig(step_size=STEP)
+    gm = reconstruct_grains(q, diffracting.ravel(), truth.shape, Oh, config=config)
+    return truth, diffracting, q_grain, q, gm
+
+
+class TestDisorientationAngles:
+    @pytest.mark.parametrize("point_group", [Oh, D6h], ids=["m-3m", "6/mmm"])
+    def test_matches_orix(self, point_group):
+        rng = np.random.default_rng(1)
+        q1, q2 = random_quaternions(20000, rng), random_quaternions(20000, rng)
+        # Include near-identical pairs, where acos is least accurate.
+        q2[:100] = _noisy(q1[:100], rng)
+        expected = Orientation(q1, point_group).angle_with(Orientation(q2, point_group), degrees=True)
+        np.testing.assert_allclose(disorientation_angles(q1, q2, point_group), expected, atol=1e-4, rtol=0)
+
+    def test_symmetry_equivalents_are_zero_apart(self):
+        rng = np.random.default_rng(2)
+        q = random_quaternions(1000, rng)
+        ops = Oh.proper_subgroup.data[rng.integers(0, 24, size=1000)]
+        np.testing.assert_allclose(disorientation_angles(q, _qmul(ops, q), Oh), 0.0, atol=1e-5)
+
+    def test_wrong_shape(self):
+        with pytest.raises(ValueError, match=r"shape \(m, 4\)"):
+            disorientation_angles(np.zeros((3, 4)), np.zeros((2, 4)), Oh)
+
+
+class TestNeighbourPairs:
+    @pytest.mark.parametrize("grid,cols", [("square", [4, 6]), ("hexagonal", [3, 4, 5])])
+    def test_each_face_pair_once(self, grid, cols):
+        shape = (7, 9)
+        nb = neighbours(shape, grid)
+        i = np.repeat(np.arange(nb.shape[0]), len(cols))
+        j = nb[:, cols].ravel()
+        expected = {(a, b) for a, b in zip(i, j) if b >= 0}
+        got = [tuple(p) for p in neighbour_pairs(shape, grid).tolist()]
+        assert len(got) == len(set(got)) and set(got) == expected
+
+
+class TestColumnar:
+    def test_labels_equal_truth_up_to_relabelling(self, columnar):
+        truth, diffracting, q_grain, _, gm = columnar
+        lab = gm.labels
+        assert np.all(lab[~diffracting] == -1)
+        assert np.all(lab[diffracting] >= 0)
+        combos = np.unique(np.stack([lab[diffracting], truth[diffracting]]), axis=1)
+        assert combos.shape[1] == len(q_grain) == gm.summary["n_grains"] == lab.max() + 1
+
+    def test_every_boundary_counted(self, columnar):
+        truth, _, _, _, gm = columnar
+        t = truth.ravel()
+        expected = t[gm.pairs[:, 0]] != t[gm.pairs[:, 1]]
+        np.testing.assert_array_equal(gm.hagb, expected)
+        assert not gm.lagb.any()
+        assert gm.summary["n_hagb_pairs"] == expected.sum()
+        n_indexed = np.count_nonzero(gm.labels >= 0)
+        assert gm.summary["hagb_length_per_area_per_um"] == pytest.approx(expected.sum() * STEP / (n_indexed * STEP**2))
+
+    def test_mean_width_recovered(self, columnar):
+        truth, _, _, _, gm = columnar
+        true_widths = [(np.ptp(np.nonzero(truth == k)[1]) + 1) * STEP for k in range(truth.max() + 1)]
+        assert gm.summary["mean_width_um"] == pytest.approx(np.mean(true_widths), rel=0.05)
+
+    def test_statistics_equal_brute_force(self, columnar):
+        truth, diffracting, q_grain, q, gm = columnar
+        tab, lab = gm.table, gm.labels
+        ny, nx = lab.shape
+        for k in range(lab.max() + 1):
+            rows, cols = np.nonzero(lab == k)
+            assert tab["pixels"][k] == len(rows)
+            assert tab["area_um2"][k] == pytest.approx(len(rows) * STEP**2)
+            assert tab["ecd_um"][k] == pytest.approx(2 * np.sqrt(len(rows) * STEP**2 / np.pi))
+            assert tab["width_um"][k] == pytest.approx((np.ptp(cols) + 1) * STEP)
+            assert tab["height_um"][k] == pytest.approx((np.ptp(rows) + 1) * STEP)
+            assert tab["centroid_x_um"][k] == pytest.approx(cols.mean() * STEP)
+            assert tab["touches_edge"][k] == bool((rows == 0).any() or (rows == ny - 1).any()
+                                                  or (cols == 0).any() or (cols == nx - 1).any())
+            assert tab["spans_film"][k] == bool((rows == 0).any() and (rows == ny - 1).any())
+            cov = np.cov(np.stack([cols, rows]) * STEP, bias=True) + np.eye(2) * STEP**2 / 12
+            lam, vec = np.linalg.eigh(cov)
+            assert tab["aspect_ratio"][k] == pytest.approx(np.sqrt(lam[1] / lam[0]))
+            major = np.degrees(np.arctan2(vec[1, 1], vec[0, 1]))
+            assert np.isclose((tab["long_axis_deg"][k] - major) % 180, 0, atol=1e-6) or \
+                np.isclose((tab["long_axis_deg"][k] - major) % 180, 180, atol=1e-6)
+            touching = set()
+            for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+                r, c = rows + dr, cols + dc
+                ok = (r >= 0) & (r < ny) & (c >= 0) & (c < nx)
+                touching |= set(lab[r[ok], c[ok]].tolist())
+            assert tab["neighbours"][k] == len(touching - {k, -1})
+            # Mean orientation and spread against the grain's true orientation and noise.
+            true_k = np.bincount(truth[lab == k]).argmax()
+            mean = Orientation.from_euler(np.radians([[tab["phi1_deg"][k], tab["Phi_deg"][k], tab["phi2_deg"][k]]]))
+            assert disorientation_angles(mean.data, q_grain[[true_k]], Oh)[0] < 0.1
+            assert tab["gos_deg"][k] == pytest.approx(NOISE_DEG, abs=0.1)
+        assert tab["spans_film"].all() and (np.abs(tab["long_axis_deg"]) > 60).all()
+
+    def test_interface_along_y_swaps_width_and_height(self, columnar):
+        truth, diffracting, _, q, gm = columnar
+        qt = q.reshape(*truth.shape, 4).transpose(1, 0, 2).reshape(-1, 4)
+        gt = reconstruct_grains(qt, diffracting.T.ravel(), truth.T.shape, Oh,
+                                config=GrainConfig(step_size=STEP, interface_direction="y"))
+        order = np.unique(np.stack([gm.labels.ravel(), gt.labels.T.ravel()]), axis=1)
+        order = order[:, order[0] >= 0]
+        for col in ("width_um", "height_um", "pixels", "long_axis_deg", "spans_film"):
+            np.testing.assert_allclose(gt.table[col][order[1]], gm.table[col][order[0]])
+
+
+class TestHexagonal:
+    def test_same_grain_count_as_square(self, columnar):
+        truth, _, q_grain, _, gm = columnar
+        ny, nx = truth.shape
+        rows = np.arange(int((ny - 1) / (np.sqrt(3) / 2)) + 1)
+        r, c = np.meshgrid(rows, np.arange(nx - 1), indexing="ij")
+        y, x = r * np.sqrt(3) / 2, c + 0.5 * (r % 2)
+        hex_truth = truth[np.rint(y).astype(int), np.rint(x).astype(int)]
+        rng = np.random.default_rng(3)
+        q = _noisy(q_grain[hex_truth.ravel()], rng)
+        config = GrainConfig(grid="hexagonal", step_size=STEP)
+        gh = reconstruct_grains(q, np.ones(q.shape[0], bool), hex_truth.shape, Oh, config=config)
+        assert gh.summary["n_grains"] == gm.summary["n_grains"]
+        combos = np.unique(np.stack([gh.labels.ravel(), hex_truth.ravel()]), axis=1)
+        assert combos.shape[1] == gh.summary["n_grains"]
+        assert gh.table["area_um2"].sum() == pytest.approx(hex_truth.size * np.sqrt(3) / 2 * STEP**2)
+        assert gh.summary["hagb_length_per_area_per_um"] > 0
+
+
+def _two_grains_with_subboundary(angle_deg: float):
+    """30 x 40 map: grain A (cols < 20, lower half rotated by angle_deg about z) and grain B."""
+    rng = np.random.default_rng(4)
+    qa, qb = random_quaternions(2, rng)
+    qa2 = _qmul(_axis_angle(np.array([[0.0, 0, 1]]), np.array([angle_deg])), qa[None])[0]
+    ny, nx = 30, 40
+    r, c = np.mgrid[0:ny, 0:nx]
+    q = np.where((c < 20)[..., None], np.where((r < 15)[..., None], qa, qa2), qb).reshape(-1, 4)
+    assert disorientation_angles(qa[None], qb[None], Oh)[0] > 15
+    return q, (ny, nx)
+
+
+class TestLowAngleBoundaries:
+    def test_subboundary_stays_inside_grain(self):
+        q, shape = _two_grains_with_subboundary(5.0)
+        gm = reconstruct_grains(q, np.ones(len(q), bool), shape, Oh)
+        assert gm.summary["n_grains"] == 2
+        assert gm.summary["n_lagb_pairs"] == 20 and gm.summary["n_hagb_pairs"] == 30
+        np.testing.assert_allclose(gm.pair_angle[gm.lagb], 5.0, atol=1e-6)
+        lab = gm.labels.ravel()
+        assert np.all(lab[gm.pairs[gm.lagb, 0]] == lab[gm.pairs[gm.lagb, 1]])
+        assert gm.summary["lagb_length_per_area_per_um"] == pytest.approx(20 / (30 * 40))
+        assert gm.table["gos_deg"][0] == pytest.approx(2.5, abs=1e-3)
+
+    def test_above_high_angle_splits(self):
+        q, shape = _two_grains_with_subboundary(12.0)
+        gm = reconstruct_grains(q, np.ones(len(q), bool), shape, Oh)
+        assert gm.summary["n_grains"] == 3 and gm.summary["n_lagb_pairs"] == 0
+
+    def test_overlay_draws_hagb_black_and_lagb_white(self):
+        q, shape = _two_grains_with_subboundary(5.0)
+        gm = reconstruct_grains(q, np.ones(len(q), bool), shape, Oh)
+        img = boundary_overlay(gm, np.full((*shape, 3), 0.5), scale=4)
+        assert img.shape == (120, 160, 3)
+        np.testing.assert_array_equal(img[:, 20 * 4 - 1], 0.0)
+        np.testing.assert_array_equal(img[15 * 4 - 1, : 20 * 4 - 1], 1.0)
+        assert np.count_nonzero((img != 0.5).any(axis=2)) == 120 + 79
+
+
+def test_small_grains_flagged_and_left_out():
+    q = np.tile(random_quaternions(1, np.random.default_rng(5)), (100, 1))
+    q[55] = random_quaternions(1, np.random.default_rng(6))[0]
+    gm = reconstruct_grains(q, np.ones(100, bool), (10, 10), Oh, config=GrainConfig(min_size=2))
+    np.testing.assert_array_equal(gm.table["small"], [False, True])
+    assert gm.summary["n_grains"] == 1 and gm.summary["n_small_grains"] == 1
+    assert gm.summary["mean_width_um"] == 10.0
+    assert gm.table["neighbours"].tolist() == [1, 1]
+
+
+def test_write_grain_table(columnar, tmp_path):
+    gm = columnar[-1]
+    path = tmp_path / "grains.csv"
+    write_grain_table(gm, path)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == COLUMNS and len(rows) == gm.summary["n_grains"] + 1
+    data = np.array(rows[1:], dtype=float)
+    for j, name in enumerate(COLUMNS):
+        np.testing.assert_allclose(data[:, j], gm.table[name].astype(float), rtol=1e-7)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="low_angle"):
+        GrainConfig(low_angle=12.0)
+    with pytest.raises(ValueError, match="interface_direction"):
+        GrainConfig(interface_direction="z")
+
+
+def test_map_without_indexed_pixels_is_rejected():
+    with pytest.raises(ValueError, match="at least one indexed pixel"):
+        reconstruct_grains(np.tile([1.0, 0, 0, 0], (6, 1)), np.zeros(6, bool), (2, 3), Oh)
