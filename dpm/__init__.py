@@ -60,7 +60,9 @@ def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'dpm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = importlib.import_module(module)
+    if module != f"dpm.{name}":  # ``dpm.grains`` is its module, callable as its function
+        value = getattr(value, name)
     globals()[name] = value
     return value
 

@@ -44,6 +44,8 @@ Unlike MTEX's ``minPixel`` they are not turned into unindexed pixels.
 from __future__ import annotations
 
 import csv
+import sys
+import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -600,3 +602,14 @@ def write_grain_outputs(grain_map: GrainMap, rgb: np.ndarray, out: str | Path) -
 def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
     """Plain Python numbers for json."""
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in summary.items()}
+
+
+class _GrainsModule(types.ModuleType):
+    """This module, callable as :func:`grains`: DESIGN.md's ``dpm.grains(xmap)`` works
+    whether ``dpm.grains`` resolves to the function or, once imported, to this module."""
+
+    def __call__(self, xmap: Any, config: GrainConfig | None = None) -> GrainMap:
+        return grains(xmap, config)
+
+
+sys.modules[__name__].__class__ = _GrainsModule

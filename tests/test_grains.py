@@ -255,3 +255,23 @@ def test_config_rejects_bad_values():
 def test_map_without_indexed_pixels_is_rejected():
     with pytest.raises(ValueError, match="at least one indexed pixel"):
         reconstruct_grains(np.tile([1.0, 0, 0, 0], (6, 1)), np.zeros(6, bool), (2, 3), Oh)
+
+
+def test_dpm_grains_is_callable_as_the_design_says():
+    """``dpm.grains(xmap)`` (DESIGN.md) works before and after ``import dpm.grains``."""
+    import importlib
+
+    from orix.crystal_map import CrystalMap, PhaseList
+    from orix.quaternion import Rotation
+
+    import dpm
+    from dpm.crystal import get_phase
+
+    half = np.radians(45.0) / 2  # 45° about [001]: not a cubic symmetry operation
+    q = np.repeat(np.array([[1.0, 0, 0, 0], [np.cos(half), 0, 0, np.sin(half)]]), 6, axis=0)
+    y, x = np.divmod(np.arange(12), 4)
+    xmap = CrystalMap(Rotation(q), x=x.astype(float), y=y.astype(float),
+                      phase_list=PhaseList(get_phase("li")))
+    assert dpm.grains(xmap).summary["n_grains"] == 2
+    importlib.import_module("dpm.grains")
+    assert dpm.grains(xmap).summary["n_grains"] == 2
