@@ -486,3 +486,217 @@ def replace_zero_solutions(
         quaternions=q_out, scores=s_out, indexed=indexed, replaced=replaced,
         threshold=float(threshold), replace_threshold=float(replace_threshold), passes=passes,
         n_zero_solutions=int(zero.sum()), n_replaced=int(replaced.sum()))
+
+
+# ------------------------------------------------------------------ map cleanup
+
+@dataclass(frozen=True)
+class MapCleanupConfig:
+    """Orientation-map cleanup after the zero-solution replacement, in the protocol's order.
+
+    Attributes
+    ----------
+    wild_spikes
+        Remove wild spikes first (:func:`remove_wild_spikes`).
+    fill_ladder
+        Neighbour counts for the zero-solution fill (:func:`fill_zero_solutions`),
+        each run to completion in turn (the protocol: 6, then 5); empty = no fill.
+    tolerance
+        Degrees: two orientations *agree* when their disorientation is below it.
+    grid
+        ``"square"`` or ``"hexagonal"`` (see the module notes).
+    max_passes
+        Passes at most per fill level.
+    """
+
+    wild_spikes: bool = True
+    fill_ladder: tuple[int, ...] = (6, 5)
+    tolerance: float = 5.0
+    grid: Grid = "square"
+    max_passes: int = 100
+
+    def __post_init__(self) -> None:
+        if self.grid not in ("square", "hexagonal"):
+            raise ValueError(f"grid must be 'square' or 'hexagonal', got {self.grid!r}")
+        most = 8 if self.grid == "square" else 6
+        object.__setattr__(self, "fill_ladder", tuple(int(k) for k in self.fill_ladder))
+        if any(not 1 <= k <= most for k in self.fill_ladder):
+            raise ValueError(f"fill_ladder counts must be in 1..{most} on a {self.grid} grid, "
+                             f"got {self.fill_ladder}")
+        if not 0 < self.tolerance < 62.8:
+            raise ValueError(f"tolerance must be in (0, 62.8) degrees, got {self.tolerance}")
+        if self.max_passes < 1:
+            raise ValueError(f"max_passes must be at least 1, got {self.max_passes}")
+
+
+@dataclass(frozen=True, eq=False)
+class MapCleanupResult:
+    """Orientations after :func:`clean_map` (host arrays, row-major map order).
+
+    Attributes
+    ----------
+    quaternions : (n, 4) float64
+    indexed : (n,) bool
+    despiked : (n,) bool
+        Wild spikes replaced by their neighbours' mean orientation.
+    filled : (n,) bool
+        Zero solutions filled from agreeing neighbours.
+    changed : dict
+        Pixels changed per step (``"wild_spikes"``, ``"fill_6"``, ``"fill_5"``, ...).
+    """
+
+    quaternions: np.ndarray
+    indexed: np.ndarray
+    despiked: np.ndarray
+    filled: np.ndarray
+    changed: dict[str, int]
+
+
+def _pairwise_agreement(q: np.ndarray, nb: np.ndarray, valid: np.ndarray, point_group: Any,
+                        tolerance: float) -> np.ndarray:
+    """(c, k, k) bool: neighbours ``j`` and ``l`` of each pixel are both valid and agree."""
+    from dpm.grains import disorientation_angles
+
+    c, k = nb.shape
+    j, l = np.triu_indices(k, 1)
+    both = valid[:, j] & valid[:, l]
+    agree = np.zeros((c, k, k), dtype=bool)
+    rows, pair = np.nonzero(both)
+    if rows.size:
+        close = disorientation_angles(q[nb[rows, j[pair]]], q[nb[rows, l[pair]]],
+                                      point_group) < tolerance
+        agree[rows[close], j[pair][close], l[pair][close]] = True
+        agree[rows[close], l[pair][close], j[pair][close]] = True
+    agree[:, np.arange(k), np.arange(k)] = valid
+    return agree
+
+
+def _mean_of(q: np.ndarray, nb: np.ndarray, weights: np.ndarray, ref: np.ndarray,
+             point_group: Any) -> np.ndarray:
+    """Mean orientation of the weighted neighbours of each pixel, aligned to ``ref`` first."""
+    from dpm.grains import _align
+
+    c, k = nb.shape
+    ops = point_group.laue.proper_subgroup.data
+    aligned = _align(q[np.maximum(nb, 0)].reshape(-1, 4), np.repeat(ref, k, axis=0), ops)
+    total = (aligned.reshape(c, k, 4) * weights[..., None]).sum(axis=1)
+    total /= np.linalg.norm(total, axis=1, keepdims=True)
+    return total * np.where(total[:, :1] < 0, -1.0, 1.0)
+
+
+def remove_wild_spikes(quaternions: np.ndarray, indexed: np.ndarray, map_shape: tuple[int, int],
+                       point_group: Any, *, tolerance: float = 5.0,
+                       grid: Grid = "square") -> tuple[np.ndarray, np.ndarray]:
+    """Replace single pixels whose neighbours agree among themselves but not with them.
+
+    A wild spike is an indexed pixel all of whose neighbours are indexed (at
+    least 3 of them: map edges count), agree pairwise within ``tolerance``, and
+    all differ from it by more than ``tolerance``; it takes their mean
+    orientation (AZtecCrystal/Channel5's rule). Decisions use the map before
+    any change, so the result does not depend on the scan order.
+
+    Returns
+    -------
+    quaternions : (n, 4) array (a new array)
+    spikes : (n,) bool, the pixels replaced
+    """
+    from dpm.grains import disorientation_angles
+
+    q = np.asarray(quaternions, dtype=np.float64).copy()
+    indexed = np.asarray(indexed, dtype=bool)
+    table = neighbours(map_shape, grid)
+    exists = table >= 0
+    valid = exists & indexed[np.maximum(table, 0)]
+    cand = np.flatnonzero(indexed & (valid == exists).all(axis=1) & (valid.sum(axis=1) >= 3))
+    spikes = np.zeros(len(q), dtype=bool)
+    if cand.size == 0:
+        return q, spikes
+    nb, ok = table[cand], valid[cand]
+    rows, cols = np.nonzero(ok)
+    far = np.ones(ok.shape, dtype=bool)
+    far[rows, cols] = disorientation_angles(q[cand[rows]], q[nb[rows, cols]],
+                                            point_group) > tolerance
+    differs = (far | ~ok).all(axis=1)
+    cand, nb, ok = cand[differs], nb[differs], ok[differs]
+    if cand.size == 0:
+        return q, spikes
+    agree = _pairwise_agreement(q, nb, ok, point_group, tolerance)
+    together = ((agree | ~ok[:, :, None] | ~ok[:, None, :])).all(axis=(1, 2))
+    cand, nb, ok = cand[together], nb[together], ok[together]
+    if cand.size:
+        first = q[nb[np.arange(len(cand)), np.argmax(ok, axis=1)]]
+        q[cand] = _mean_of(q, nb, ok.astype(float), first, point_group)
+        spikes[cand] = True
+    return q, spikes
+
+
+def fill_zero_solutions(quaternions: np.ndarray, indexed: np.ndarray, fillable: np.ndarray,
+                        map_shape: tuple[int, int], point_group: Any, *, min_neighbours: int,
+                        tolerance: float = 5.0, grid: Grid = "square",
+                        max_passes: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fill unindexed pixels from at least ``min_neighbours`` agreeing indexed neighbours.
+
+    For an unindexed, fillable pixel, the largest set of its indexed
+    neighbours that agree with one of them (within ``tolerance``) is found; if
+    it holds at least ``min_neighbours`` pixels, the pixel takes their mean
+    orientation. Every decision of a pass is made before any is applied (the
+    result does not depend on the scan order); passes repeat until none fills
+    a pixel ("to completion") or ``max_passes``.
+
+    Parameters
+    ----------
+    fillable : (n,) bool
+        Pixels that may be filled (e.g. band contrast above 10: pores stay empty).
+
+    Returns
+    -------
+    quaternions, indexed, filled : new arrays; ``filled`` marks the pixels filled.
+    """
+    q = np.asarray(quaternions, dtype=np.float64).copy()
+    indexed = np.asarray(indexed, dtype=bool).copy()
+    fillable = np.asarray(fillable, dtype=bool)
+    filled = np.zeros(len(q), dtype=bool)
+    table = neighbours(map_shape, grid)
+    for _ in range(max_passes):
+        valid = (table >= 0) & indexed[np.maximum(table, 0)]
+        cand = np.flatnonzero(~indexed & fillable & (valid.sum(axis=1) >= min_neighbours))
+        if cand.size == 0:
+            break
+        nb, ok = table[cand], valid[cand]
+        agree = _pairwise_agreement(q, nb, ok, point_group, tolerance)
+        counts = agree.sum(axis=2)                         # (c, k): agreeing with neighbour j
+        best = np.argmax(counts, axis=1)
+        members = agree[np.arange(len(cand)), best]       # (c, k)
+        take = members.sum(axis=1) >= min_neighbours
+        if not take.any():
+            break
+        cand, nb, members, best = cand[take], nb[take], members[take], best[take]
+        q[cand] = _mean_of(q, nb, members.astype(float), q[nb[np.arange(len(cand)), best]],
+                           point_group)
+        indexed[cand] = True
+        filled[cand] = True
+    return q, indexed, filled
+
+
+def clean_map(quaternions: np.ndarray, indexed: np.ndarray, fillable: np.ndarray,
+              map_shape: tuple[int, int], point_group: Any,
+              config: MapCleanupConfig = MapCleanupConfig()) -> MapCleanupResult:
+    """Wild-spike removal, then zero-solution fill down the neighbour ladder (protocol order)."""
+    q = np.asarray(quaternions, dtype=np.float64)
+    indexed = np.asarray(indexed, dtype=bool)
+    changed: dict[str, int] = {}
+    despiked = np.zeros(len(q), dtype=bool)
+    if config.wild_spikes:
+        q, despiked = remove_wild_spikes(q, indexed, map_shape, point_group,
+                                         tolerance=config.tolerance, grid=config.grid)
+        changed["wild_spikes"] = int(despiked.sum())
+    filled = np.zeros(len(q), dtype=bool)
+    for k in config.fill_ladder:
+        q, indexed, new = fill_zero_solutions(q, indexed, fillable, map_shape, point_group,
+                                              min_neighbours=k, tolerance=config.tolerance,
+                                              grid=config.grid, max_passes=config.max_passes)
+        changed[f"fill_{k}"] = int(new.sum())
+        filled |= new
+    log.info("map cleanup: %s", changed)
+    return MapCleanupResult(quaternions=q, indexed=indexed, despiked=despiked, filled=filled,
+                            changed=changed)

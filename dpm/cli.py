@@ -29,7 +29,7 @@ _TABLE_OPTIONS = {
     "band_contrast_threshold": ("zero_solutions", "band_contrast_threshold"),
     "grid": ("zero_solutions", "grid"),
 }
-_TABLES = ("preprocess", "refinement", "zero_solutions")
+_TABLES = ("preprocess", "refinement", "zero_solutions", "cleanup")
 
 
 class UsageError(ValueError):
@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                    "for the map, or per pattern")
     i.add_argument("--no-zero-solutions", dest="zero_solutions", action="store_false",
                    default=None, help="keep zero solutions as matched (no neighbour replacement)")
+    i.add_argument("--no-cleanup", dest="cleanup", action="store_false", default=None,
+                   help="no wild-spike removal or neighbour fill after the zero solutions")
     i.add_argument("--zero-solution-threshold", type=float, metavar="NCC",
                    help="NCC below which a pixel is a zero solution (default: from the map)")
     i.add_argument("--band-contrast-threshold", type=float, metavar="BC",
@@ -157,6 +159,8 @@ def _index_options(args: argparse.Namespace) -> dict[str, Any]:
         options["preprocess"]["dynamic_background"] = bool(flag_value)
     if args.zero_solutions is False:
         options["zero_solutions"] = None
+    if args.cleanup is False:
+        options["cleanup"] = None
     return options
 
 
@@ -167,7 +171,7 @@ def _run_index(args: argparse.Namespace) -> int:
     from dpm.detector import Detector
     from dpm.io.readers import read_patterns
     from dpm.io.writers import prepare_output_dir, write_index_outputs
-    from dpm.cleanup import ZeroSolutionConfig
+    from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
     from dpm.grains import GrainConfig
     from dpm.pipeline import IndexConfig, index
     from dpm.preprocess import PreprocessConfig
@@ -185,17 +189,19 @@ def _run_index(args: argparse.Namespace) -> int:
     fields = {k: opts[k] for k in _config_fields() - set(_TABLES) if k in opts}
     if opts.get("memory_budget") is not None:
         fields["memory_budget"] = backend.parse_bytes(opts["memory_budget"])
-    if opts.get("zero_solutions") is False:  # config.toml's spelling of "stage off"
-        opts["zero_solutions"] = None
+    for stage in ("zero_solutions", "cleanup"):
+        if opts.get(stage) is False:  # config.toml's spelling of "stage off"
+            opts[stage] = None
     for table, cls in (("preprocess", PreprocessConfig), ("refinement", RefineConfig),
-                       ("zero_solutions", ZeroSolutionConfig)):
+                       ("zero_solutions", ZeroSolutionConfig), ("cleanup", MapCleanupConfig)):
         if table in opts:
             try:
                 fields[table] = None if opts[table] is None else cls(**opts[table])
             except TypeError as e:
                 raise UsageError(f"[{table}] options: {e}") from None
-    if fields.get("refine") is False and "zero_solutions" not in fields:
-        fields["zero_solutions"] = None
+    if fields.get("refine") is False:
+        for stage in ("zero_solutions", "cleanup"):
+            fields.setdefault(stage, None)
     config = IndexConfig(**fields)
     result = index(stack, phase=opts["phase"], detector=det,
                    master_pattern=opts.get("master_pattern"), config=config,

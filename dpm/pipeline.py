@@ -16,7 +16,8 @@
 6. refine the orientation (and optionally the pattern centre) of every
    pattern from its best matches (:mod:`dpm.refine`);
 7. find zero solutions and replace those that diffract (band contrast above
-   the threshold) from their neighbours (:mod:`dpm.cleanup`);
+   the threshold) from their neighbours, then remove wild spikes and fill zero
+   solutions from 6, then 5 agreeing neighbours (:mod:`dpm.cleanup`);
 8. return the map with every per-pixel property, timings and stage records.
 
 The CLI (:mod:`dpm.cli`) is a thin shell over this module.
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from dpm import backend
-from dpm.cleanup import ZeroSolutionConfig
+from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
 from dpm.preprocess import PreprocessConfig
 from dpm.refine import RefineConfig
 
@@ -74,6 +75,11 @@ class IndexConfig:
     zero_solutions
         Zero-solution detection and neighbour replacement options
         (:mod:`dpm.cleanup`; needs ``refine``); None skips the stage.
+    cleanup
+        Map cleanup after the zero-solution replacement (:func:`dpm.cleanup.clean_map`:
+        wild spikes, then zero-solution fill from 6, then 5 agreeing neighbours;
+        pixels with band contrast at or below the zero-solution threshold, pores,
+        are never filled); None skips it. Needs ``refine``.
     mask
         Signal mask when the call gives none: ``"none"``, ``"circular"``,
         ``"shadow"`` (estimated from the static background) or an image path
@@ -97,6 +103,7 @@ class IndexConfig:
     refine: bool = True
     refinement: RefineConfig = field(default_factory=RefineConfig)
     zero_solutions: ZeroSolutionConfig | None = field(default_factory=ZeroSolutionConfig)
+    cleanup: MapCleanupConfig | None = field(default_factory=MapCleanupConfig)
     mask: str = "none"
     device: str = "auto"
     memory_budget: int | None = None
@@ -112,16 +119,17 @@ class IndexConfig:
             raise ValueError(f"keep must be at least 1, got {self.keep}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
-        if self.zero_solutions is not None and not self.refine:
-            raise ValueError("zero-solution replacement needs refinement: set zero_solutions=None "
-                             "with refine=False")
+        if (self.zero_solutions is not None or self.cleanup is not None) and not self.refine:
+            raise ValueError("zero-solution replacement and map cleanup need refinement: set "
+                             "zero_solutions=None and cleanup=None with refine=False")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for ``config.toml`` and ``summary.json``); a stage that is
         off (``zero_solutions=None``) is written as ``False``, which TOML can hold."""
         out = dataclasses.asdict(self)
-        if self.zero_solutions is None:
-            out["zero_solutions"] = False
+        for stage in ("zero_solutions", "cleanup"):
+            if getattr(self, stage) is None:
+                out[stage] = False
         return out
 
 
@@ -426,7 +434,7 @@ def index(
     from orix.crystal_map import CrystalMap, PhaseList
     from orix.quaternion import Rotation
 
-    from dpm.cleanup import replace_zero_solutions
+    from dpm.cleanup import clean_map, replace_zero_solutions
     from dpm.detector import as_detector
     from dpm.dictionary import Dictionary
     from dpm.io.readers import as_pattern_stack, read_patterns
@@ -535,6 +543,16 @@ def index(
                 "threshold": zs.threshold, "replace_threshold": zs.replace_threshold,
                 "zero_solutions": zs.n_zero_solutions, "replaced": zs.n_replaced,
                 "passes": zs.passes, "left_unindexed": int((~indexed).sum())}
+        if config.cleanup is not None:
+            t = time.perf_counter()
+            bc_limit = (config.zero_solutions.band_contrast_threshold
+                        if config.zero_solutions is not None else ZeroSolutionConfig().band_contrast_threshold)
+            cleaned = clean_map(quaternions, indexed, readable & (bc > bc_limit), (ny, nx),
+                                master.phase.point_group, config.cleanup)
+            timings["cleanup"] = time.perf_counter() - t
+            quaternions, indexed = cleaned.quaternions, cleaned.indexed
+            props.update(despiked=cleaned.despiked, filled=cleaned.filled)
+            details["cleanup"] = cleaned.changed
         props.update(scores=scores.astype(np.float32), replaced=replaced,
                      dictionary_score=dict_scores[:, 0], simulation_index=indices[:, 0])
         rotation_data = quaternions

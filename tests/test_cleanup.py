@@ -376,3 +376,86 @@ class TestReplaceZeroSolutions:
     def test_bad_config(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             ZeroSolutionConfig(**kwargs)
+
+
+class TestMapCleanup:
+    """Wild spikes and neighbour fill on a columnar map with known truth (no patterns)."""
+
+    @staticmethod
+    def scene(seed: int = 2):
+        from orix.quaternion import Rotation
+
+        from dpm.crystal import get_phase
+        from dpm.synthetic import SyntheticConfig, columnar_grains, random_quaternions
+
+        rng = np.random.default_rng(seed)
+        ids = columnar_grains(SyntheticConfig(map_shape=(30, 60), grain_width=10), rng)
+        n = ids.size
+        truth = random_quaternions(int(ids.max()) + 1, rng)[ids.ravel()]
+        noise = Rotation.from_axes_angles(rng.normal(size=(n, 3)),
+                                          np.radians(rng.uniform(0, 0.3, n)))
+        q = (noise * Rotation(truth)).data
+        # 1% wild spikes: isolated interior pixels with random orientations
+        interior = np.zeros(ids.shape, bool)
+        interior[2:-2, 2:-2] = True
+        same = np.ones(ids.shape, bool)  # pixel and its 8 neighbours in one grain
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                same &= np.roll(np.roll(ids, dy, 0), dx, 1) == ids
+        pore = np.zeros(ids.shape, bool)
+        pore[10:13, 20:23] = True
+        near_pore = np.zeros(ids.shape, bool)
+        near_pore[9:14, 19:24] = True
+        spots = np.flatnonzero((interior & same & ~near_pore).ravel())
+        spikes = []
+        taken = np.zeros(ids.shape, bool)  # spikes and their neighbours
+        for i in rng.permutation(spots):   # isolated spikes: no two within one pixel
+            r, c = divmod(int(i), ids.shape[1])
+            if not taken[r - 1:r + 2, c - 1:c + 2].any() and len(spikes) < n // 100:
+                spikes.append(i)
+                taken[r - 1:r + 2, c - 1:c + 2] = True
+        spikes = np.array(spikes)
+        q[spikes] = random_quaternions(len(spikes), rng)
+        # 2% zero solutions inside grains (fillable), away from the spikes, and a pore
+        rest = np.setdiff1d(spots, np.flatnonzero(taken.ravel()))
+        zeros = rng.choice(rest, size=n // 50, replace=False)
+        indexed = np.ones(n, bool)
+        indexed[zeros] = False
+        indexed[pore.ravel()] = False
+        return truth, q, indexed, ~pore.ravel(), spikes, zeros, ids.shape, get_phase("li").point_group
+
+    def test_spikes_removed_and_zero_solutions_filled_pores_kept(self):
+        from dpm.cleanup import MapCleanupConfig, clean_map
+        from dpm.grains import disorientation_angles
+
+        truth, q, indexed, fillable, spikes, zeros, shape, pg = self.scene()
+        result = clean_map(q, indexed, fillable, shape, pg, MapCleanupConfig())
+        error = disorientation_angles(result.quaternions, truth, pg)
+        assert set(np.flatnonzero(result.despiked)) == set(spikes)
+        assert (error[spikes] < 1.0).all()
+        assert result.filled[zeros].all() and (error[zeros] < 1.0).all()
+        pore = ~fillable
+        assert not result.indexed[pore].any() and not result.filled[pore].any()
+        untouched = ~result.despiked & ~result.filled
+        np.testing.assert_array_equal(result.quaternions[untouched], q[untouched])
+        assert result.changed["wild_spikes"] == len(spikes)
+        assert result.changed["fill_6"] + result.changed["fill_5"] == len(zeros)
+
+    def test_result_does_not_depend_on_scan_order(self):
+        from dpm.cleanup import MapCleanupConfig, clean_map
+
+        truth, q, indexed, fillable, spikes, zeros, shape, pg = self.scene(seed=4)
+        ny, nx = shape
+        flip = np.arange(ny * nx).reshape(ny, nx)[::-1, ::-1].ravel()
+        a = clean_map(q, indexed, fillable, shape, pg, MapCleanupConfig())
+        b = clean_map(q[flip], indexed[flip], fillable[flip], shape, pg, MapCleanupConfig())
+        np.testing.assert_array_equal(a.filled[flip], b.filled)
+        np.testing.assert_array_equal(a.despiked[flip], b.despiked)
+        np.testing.assert_allclose(np.abs((a.quaternions[flip] * b.quaternions).sum(axis=1)),
+                                   1.0, atol=1e-9)
+
+    def test_bad_ladder(self):
+        from dpm.cleanup import MapCleanupConfig
+
+        with pytest.raises(ValueError, match="fill_ladder counts must be in 1..6"):
+            MapCleanupConfig(fill_ladder=(7,), grid="hexagonal")

@@ -40,7 +40,7 @@ def smap(li_master, detector, grid):
 
 
 #: Dictionary matching alone (no refinement, no zero-solution replacement).
-DICTIONARY_ONLY = {"refine": False, "zero_solutions": None}
+DICTIONARY_ONLY = {"refine": False, "zero_solutions": None, "cleanup": None}
 
 
 def _best_quaternions(result):
