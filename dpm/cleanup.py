@@ -60,13 +60,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dpm import backend
 from dpm.detector import Detector, as_detector
 from dpm.master import MasterPattern
+from dpm.grains import Grid, align_to, check_grid, disorientation_angles, neighbours
 from dpm.refine import (RefineConfig, RefinementMaster, _problem, _symmetry_quaternions,
                         correlation_terms, distinct_starts, refine, refinement_master)
 
@@ -75,21 +76,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dpm")
 
-Grid = Literal["square", "hexagonal"]
-
 #: Percentile of the non-diffracting pixels' NCC that a threshold is set to.
 NOISE_PERCENTILE = 99.0
 #: Non-diffracting pixels needed to measure a threshold from them.
 MIN_NOISE_PIXELS = 20
 #: Histogram bins of Otsu's threshold.
 OTSU_BINS = 256
-
-#: (row, column) offsets of the 8 neighbours on a square grid.
-_SQUARE_OFFSETS = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
-#: (row, column) offsets of the 6 neighbours of a pixel in an even row of a
-#: hexagonal grid; in an odd row, the column offsets into rows r ± 1 grow by 1.
-_HEX_OFFSETS = np.array([(-1, -1), (-1, 0), (0, -1), (0, 1), (1, -1), (1, 0)])
-
 
 @dataclass(frozen=True)
 class ZeroSolutionConfig:
@@ -120,8 +112,7 @@ class ZeroSolutionConfig:
     grid: Grid = "square"
 
     def __post_init__(self) -> None:
-        if self.grid not in ("square", "hexagonal"):
-            raise ValueError(f"grid must be 'square' or 'hexagonal', got {self.grid!r}")
+        check_grid(self.grid)
         if self.max_passes < 1:
             raise ValueError(f"max_passes must be at least 1, got {self.max_passes}")
         for name in ("threshold", "replace_threshold"):
@@ -166,47 +157,6 @@ class ZeroSolutionResult:
     passes: int
     n_zero_solutions: int
     n_replaced: int
-
-
-def neighbours(map_shape: tuple[int, int], grid: Grid = "square") -> np.ndarray:
-    """Indices of every pixel's neighbours on a square or hexagonal map grid.
-
-    Parameters
-    ----------
-    map_shape
-        ``(ny, nx)``; pixels in row-major order, ``i = row · nx + col``.
-    grid
-        ``"square"``: 8 neighbours, in the order (row, col) offsets
-        (-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1).
-        ``"hexagonal"``: 6 neighbours (odd rows shifted by half a step towards
-        +x, see the module notes), in the order upper-left, upper-right, left,
-        right, lower-left, lower-right; columns 6 and 7 are -1.
-
-    Returns
-    -------
-    neighbours : (ny · nx, 8) int64 array
-        Pixel index of each neighbour, -1 where it would lie outside the map.
-
-    Examples
-    --------
-    >>> neighbours((2, 3))[0]
-    array([-1, -1, -1, -1,  1, -1,  3,  4])
-    """
-    if grid not in ("square", "hexagonal"):
-        raise ValueError(f"grid must be 'square' or 'hexagonal', got {grid!r}")
-    ny, nx = (int(s) for s in map_shape)
-    if ny < 1 or nx < 1:
-        raise ValueError(f"map_shape must be two positive sizes, got {tuple(map_shape)}")
-    row, col = np.divmod(np.arange(ny * nx), nx)
-    offsets = _SQUARE_OFFSETS if grid == "square" else _HEX_OFFSETS
-    rows = row[:, None] + offsets[:, 0]
-    cols = col[:, None] + offsets[:, 1]
-    if grid == "hexagonal":
-        cols = cols + (offsets[:, 0] != 0) * (row[:, None] % 2)
-    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
-    out = np.full((ny * nx, 8), -1, dtype=np.int64)
-    out[:, :len(offsets)] = np.where(inside, rows * nx + cols, -1)
-    return out
 
 
 def otsu_threshold(values: Any, nbins: int = OTSU_BINS) -> float:
@@ -516,8 +466,7 @@ class MapCleanupConfig:
     max_passes: int = 100
 
     def __post_init__(self) -> None:
-        if self.grid not in ("square", "hexagonal"):
-            raise ValueError(f"grid must be 'square' or 'hexagonal', got {self.grid!r}")
+        check_grid(self.grid)
         most = 8 if self.grid == "square" else 6
         object.__setattr__(self, "fill_ladder", tuple(int(k) for k in self.fill_ladder))
         if any(not 1 <= k <= most for k in self.fill_ladder):
@@ -555,8 +504,6 @@ class MapCleanupResult:
 def _pairwise_agreement(q: np.ndarray, nb: np.ndarray, valid: np.ndarray, point_group: Any,
                         tolerance: float) -> np.ndarray:
     """(c, k, k) bool: neighbours ``j`` and ``l`` of each pixel are both valid and agree."""
-    from dpm.grains import disorientation_angles
-
     c, k = nb.shape
     j, l = np.triu_indices(k, 1)
     both = valid[:, j] & valid[:, l]
@@ -574,11 +521,9 @@ def _pairwise_agreement(q: np.ndarray, nb: np.ndarray, valid: np.ndarray, point_
 def _mean_of(q: np.ndarray, nb: np.ndarray, weights: np.ndarray, ref: np.ndarray,
              point_group: Any) -> np.ndarray:
     """Mean orientation of the weighted neighbours of each pixel, aligned to ``ref`` first."""
-    from dpm.grains import _align
-
     c, k = nb.shape
     ops = point_group.laue.proper_subgroup.data
-    aligned = _align(q[np.maximum(nb, 0)].reshape(-1, 4), np.repeat(ref, k, axis=0), ops)
+    aligned = align_to(q[np.maximum(nb, 0)].reshape(-1, 4), np.repeat(ref, k, axis=0), ops)
     total = (aligned.reshape(c, k, 4) * weights[..., None]).sum(axis=1)
     total /= np.linalg.norm(total, axis=1, keepdims=True)
     return total * np.where(total[:, :1] < 0, -1.0, 1.0)
@@ -600,8 +545,6 @@ def remove_wild_spikes(quaternions: np.ndarray, indexed: np.ndarray, map_shape: 
     quaternions : (n, 4) array (a new array)
     spikes : (n,) bool, the pixels replaced
     """
-    from dpm.grains import disorientation_angles
-
     q = np.asarray(quaternions, dtype=np.float64).copy()
     indexed = np.asarray(indexed, dtype=bool)
     table = neighbours(map_shape, grid)

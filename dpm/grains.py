@@ -57,6 +57,19 @@ if TYPE_CHECKING:
 
 Grid = Literal["square", "hexagonal"]
 
+#: (row, column) offsets of the 8 neighbours on a square grid.
+_SQUARE_OFFSETS = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
+#: (row, column) offsets of the 6 neighbours of a pixel in an even row of a
+#: hexagonal grid; in an odd row, the column offsets into rows r ± 1 grow by 1.
+_HEX_OFFSETS = np.array([(-1, -1), (-1, 0), (0, -1), (0, 1), (1, -1), (1, 0)])
+
+
+def check_grid(grid: str) -> None:
+    """Raise ValueError unless ``grid`` is ``"square"`` or ``"hexagonal"``."""
+    if grid not in ("square", "hexagonal"):
+        raise ValueError(f"grid must be 'square' or 'hexagonal', got {grid!r}")
+
+
 #: Pairs (or pixels) per chunk of the general orix misorientation path and
 #: of the symmetry alignment; bounds the temporary memory to ~100 MB.
 CHUNK = 1 << 18
@@ -108,8 +121,7 @@ class GrainConfig:
             raise ValueError(f"Expected min_size >= 1 pixel, got {self.min_size}")
         if self.interface_direction not in ("x", "y"):
             raise ValueError(f"Expected interface_direction 'x' or 'y', got {self.interface_direction!r}")
-        if self.grid not in ("square", "hexagonal"):
-            raise ValueError(f"Expected grid 'square' or 'hexagonal', got {self.grid!r}")
+        check_grid(self.grid)
         if self.step_size <= 0:
             raise ValueError(f"Expected a positive step_size in µm, got {self.step_size}")
 
@@ -225,6 +237,52 @@ def disorientation_angles(q1: np.ndarray, q2: np.ndarray, point_group: Symmetry)
     return out
 
 
+def neighbours(map_shape: tuple[int, int], grid: Grid = "square") -> np.ndarray:
+    """Indices of every pixel's neighbours on a square or hexagonal map grid.
+
+    Parameters
+    ----------
+    map_shape
+        ``(ny, nx)``; pixels in row-major order, ``i = row · nx + col``.
+    grid
+        ``"square"``: 8 neighbours, in the order (row, col) offsets
+        (-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1).
+        ``"hexagonal"``: 6 neighbours (odd rows shifted by half a step towards
+        +x, see :mod:`dpm.cleanup`), in the order upper-left, upper-right, left,
+        right, lower-left, lower-right; columns 6 and 7 are -1.
+
+    Returns
+    -------
+    neighbours : (ny · nx, 8) int64 array
+        Pixel index of each neighbour, -1 where it would lie outside the map.
+
+    Examples
+    --------
+    >>> neighbours((2, 3))[0]
+    array([-1, -1, -1, -1,  1, -1,  3,  4])
+    """
+    check_grid(grid)
+    offsets = _SQUARE_OFFSETS if grid == "square" else _HEX_OFFSETS
+    out = np.full((int(np.prod(map_shape)), 8), -1, dtype=np.int64)
+    out[:, :len(offsets)] = _offset_neighbours(map_shape, grid, offsets)
+    return out
+
+
+def _offset_neighbours(map_shape: tuple[int, int], grid: Grid, offsets: np.ndarray) -> np.ndarray:
+    """(n, k) indices of the neighbours at the k (row, column) ``offsets`` (-1 outside);
+    on hexagonal grids odd rows' column offsets into rows r ± 1 grow by 1."""
+    ny, nx = (int(s) for s in map_shape)
+    if ny < 1 or nx < 1:
+        raise ValueError(f"map_shape must be two positive sizes, got {tuple(map_shape)}")
+    row, col = np.divmod(np.arange(ny * nx), nx)
+    rows = row[:, None] + offsets[:, 0]
+    cols = col[:, None] + offsets[:, 1]
+    if grid == "hexagonal":
+        cols = cols + (offsets[:, 0] != 0) * (row[:, None] % 2)
+    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
+    return np.where(inside, rows * nx + cols, -1)
+
+
 def neighbour_pairs(map_shape: tuple[int, int], grid: Grid = "square") -> np.ndarray:
     """Every pair of face neighbours of a map grid, each unordered pair once.
 
@@ -247,21 +305,14 @@ def neighbour_pairs(map_shape: tuple[int, int], grid: Grid = "square") -> np.nda
     >>> neighbour_pairs((2, 2)).tolist()
     [[0, 1], [2, 3], [0, 2], [1, 3]]
     """
-    ny, nx = (int(s) for s in map_shape)
-    idx = np.arange(ny * nx, dtype=np.int64).reshape(ny, nx)
-    right = np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()], axis=1)
-    if grid == "square":
-        down = np.stack([idx[:-1].ravel(), idx[1:].ravel()], axis=1)
-        return np.concatenate([right, down])
-    if grid != "hexagonal":
-        raise ValueError(f"Expected grid 'square' or 'hexagonal', got {grid!r}")
-    row, col = np.divmod(idx[:-1].ravel(), nx)
-    out = [right]
-    for dc in (-1, 0):
-        c = col + dc + row % 2
-        ok = (c >= 0) & (c < nx)
-        out.append(np.stack([idx[:-1].ravel()[ok], (row[ok] + 1) * nx + c[ok]], axis=1))
-    return np.concatenate(out)
+    check_grid(grid)
+    # Forward faces, in this order: right, down (square); right, lower left,
+    # lower right (hexagonal), as rows of the neighbour offsets.
+    offsets = _SQUARE_OFFSETS[[4, 6]] if grid == "square" else _HEX_OFFSETS[[3, 4, 5]]
+    table = _offset_neighbours(map_shape, grid, offsets)
+    pixels = np.arange(len(table), dtype=np.int64)
+    return np.concatenate([np.stack([pixels[table[:, k] >= 0], table[table[:, k] >= 0, k]],
+                                    axis=1) for k in range(len(offsets))])
 
 
 def pixel_coordinates(map_shape: tuple[int, int], grid: Grid = "square",
@@ -279,7 +330,7 @@ def _pitch(grid: Grid, step_size: float) -> tuple[float, float]:
     return step_size, step_size * (1.0 if grid == "square" else np.sqrt(3.0) / 2.0)
 
 
-def _align(q: np.ndarray, ref: np.ndarray, ops: np.ndarray) -> np.ndarray:
+def align_to(q: np.ndarray, ref: np.ndarray, ops: np.ndarray) -> np.ndarray:
     """Symmetry-equivalent ``s q`` of every ``q`` closest to its ``ref``, with ``<s q, ref> >= 0``.
 
     ``<s q, r> = <s, r q*>``, so the best operator is the row of ``ops`` with
@@ -406,7 +457,7 @@ def _grain_table(q: np.ndarray, lab: np.ndarray, pix: np.ndarray, pairs: np.ndar
 
     # Mean orientation: align to the first pixel, average, normalise.
     ops = point_group.laue.proper_subgroup.data
-    aligned = _align(q[pix], q[first][g], ops)
+    aligned = align_to(q[pix], q[first][g], ops)
     mean = np.stack([np.bincount(g, aligned[:, k], minlength=n_grains) for k in range(4)], axis=1)
     mean /= np.linalg.norm(mean, axis=1, keepdims=True)
     mean_ori = Orientation(mean, symmetry=point_group.laue).reduce()
