@@ -318,7 +318,8 @@ def _full_patterns(xp, rows: Any, index: np.ndarray | None, shape: tuple[int, in
 
 
 def pattern_quality_maps(rows: Any, detector, mask: np.ndarray | None, chunk_size: int,
-                         progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                         progress: bool = False, band_contrast: np.ndarray | None = None,
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Band contrast (0–255) and image quality of every preprocessed pattern.
 
     Parameters
@@ -333,22 +334,28 @@ def pattern_quality_maps(rows: Any, detector, mask: np.ndarray | None, chunk_siz
         Patterns per chunk.
     progress
         Show a progress bar.
+    band_contrast
+        Band contrast the acquisition software stored in the file (any shape
+        of n values): used as it is, not computed.
 
     Returns
     -------
     band_contrast, quality : (n,) float32 host arrays
     """
-    from dpm.quality import band_contrast, pattern_quality
+    from dpm import quality
 
     xp = backend.namespace(rows)
     index = None if mask is None else np.flatnonzero(mask)
     n = rows.shape[0]
-    bc = np.zeros(n, dtype=np.float32)
+    given = band_contrast is not None
+    bc = (np.asarray(band_contrast, dtype=np.float32).ravel() if given
+          else np.zeros(n, dtype=np.float32))
     iq = np.zeros(n, dtype=np.float32)
     for start in _progress_range(n, chunk_size, "band contrast", progress):
         full = _full_patterns(xp, rows[start:start + chunk_size], index, detector.shape)
-        bc[start:start + len(full)] = backend.to_host(band_contrast(full, mask=mask))
-        iq[start:start + len(full)] = backend.to_host(pattern_quality(full))
+        if not given:
+            bc[start:start + len(full)] = backend.to_host(quality.band_contrast(full, mask=mask))
+        iq[start:start + len(full)] = backend.to_host(quality.pattern_quality(full))
     return bc, iq
 
 
@@ -473,9 +480,9 @@ def index(
     timings["preprocess"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    bc, iq = pattern_quality_maps(rows, det_used, mask_used, config.chunk_size, progress)
-    if stack.band_contrast is not None:  # the acquisition software's own, when the file has it
-        bc = np.asarray(stack.band_contrast, dtype=np.float32).ravel()
+    # The acquisition software's own band contrast, when the file has it.
+    bc, iq = pattern_quality_maps(rows, det_used, mask_used, config.chunk_size, progress,
+                                  band_contrast=stack.band_contrast)
     timings["band_contrast"] = time.perf_counter() - t
 
     t = time.perf_counter()
