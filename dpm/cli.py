@@ -246,8 +246,7 @@ def _run_grains(args: argparse.Namespace) -> int:
     out = prepare_output_dir(args.out)
     grain_map = _write_grains(xmap, out, GrainConfig(
         high_angle=args.high_angle, low_angle=args.low_angle, min_size=args.min_size,
-        interface_direction=args.interface_direction, grid=args.grid,
-        step_size=float(xmap.dx) if xmap.dx else 1.0))
+        interface_direction=args.interface_direction, grid=args.grid))  # step: the map's
     s = grain_map.summary
     print(f"{s['n_grains']} grains in {path.name}: mean width {s['mean_width_um']:.2f} um, "
           f"mean ECD {s['mean_ecd_um']:.2f} um, indexing rate {s['indexing_rate']:.3f}; "
