@@ -530,47 +530,65 @@ def _mean_of(q: np.ndarray, nb: np.ndarray, weights: np.ndarray, ref: np.ndarray
 
 
 def remove_wild_spikes(quaternions: np.ndarray, indexed: np.ndarray, map_shape: tuple[int, int],
-                       point_group: Any, *, tolerance: float = 5.0,
-                       grid: Grid = "square") -> tuple[np.ndarray, np.ndarray]:
-    """Replace single pixels whose neighbours agree among themselves but not with them.
+                       point_group: Any, *, tolerance: float = 5.0, grid: Grid = "square",
+                       min_neighbours: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Replace single pixels that differ from every one of their neighbours.
 
-    A wild spike is an indexed pixel all of whose neighbours are indexed (at
-    least 3 of them: map edges count), agree pairwise within ``tolerance``, and
-    all differ from it by more than ``tolerance``; it takes their mean
-    orientation (AZtecCrystal/Channel5's rule). Decisions use the map before
-    any change, so the result does not depend on the scan order.
+    A wild spike is an indexed pixel with at least ``min_neighbours`` indexed
+    neighbours that differs from each of them by more than ``tolerance``
+    (AZtecCrystal/Channel5's rule; unindexed neighbours and the map edge are
+    ignored). It takes the mean orientation of the largest set of its
+    neighbours that agree with one of them (the rule of
+    :func:`fill_zero_solutions`; of equal sets, the one agreeing with the
+    first neighbour in the order of :func:`dpm.grains.neighbours`), provided
+    that set holds at least half of its indexed neighbours: inside a grain
+    that is every neighbour; on a boundary, beside a pore or next to another
+    spike, the larger side. Pixels whose neighbours scatter (no half agrees)
+    are left alone. Decisions use the map before any change, so the result
+    does not depend on the scan order.
 
     Returns
     -------
     quaternions : (n, 4) array (a new array)
     spikes : (n,) bool, the pixels replaced
     """
+    if min_neighbours < 1:
+        raise ValueError(f"min_neighbours must be at least 1, got {min_neighbours}")
     q = np.asarray(quaternions, dtype=np.float64).copy()
     indexed = np.asarray(indexed, dtype=bool)
     table = neighbours(map_shape, grid)
-    exists = table >= 0
-    valid = exists & indexed[np.maximum(table, 0)]
-    cand = np.flatnonzero(indexed & (valid == exists).all(axis=1) & (valid.sum(axis=1) >= 3))
+    valid = (table >= 0) & indexed[np.maximum(table, 0)]
+    cand = np.flatnonzero(indexed & (valid.sum(axis=1) >= min_neighbours))
     spikes = np.zeros(len(q), dtype=bool)
-    if cand.size == 0:
-        return q, spikes
     nb, ok = table[cand], valid[cand]
     rows, cols = np.nonzero(ok)
     far = np.ones(ok.shape, dtype=bool)
     far[rows, cols] = disorientation_angles(q[cand[rows]], q[nb[rows, cols]],
                                             point_group) > tolerance
-    differs = (far | ~ok).all(axis=1)
+    differs = far.all(axis=1)
     cand, nb, ok = cand[differs], nb[differs], ok[differs]
     if cand.size == 0:
         return q, spikes
-    agree = _pairwise_agreement(q, nb, ok, point_group, tolerance)
-    together = ((agree | ~ok[:, :, None] | ~ok[:, None, :])).all(axis=(1, 2))
-    cand, nb, ok = cand[together], nb[together], ok[together]
+    members, best = _largest_agreeing(q, nb, ok, point_group, tolerance)
+    take = 2 * members.sum(axis=1) >= ok.sum(axis=1)
+    cand, nb, members, best = cand[take], nb[take], members[take], best[take]
     if cand.size:
-        first = q[nb[np.arange(len(cand)), np.argmax(ok, axis=1)]]
-        q[cand] = _mean_of(q, nb, ok.astype(float), first, point_group)
+        q[cand] = _mean_of(q, nb, members.astype(float), q[nb[np.arange(len(cand)), best]],
+                           point_group)
         spikes[cand] = True
     return q, spikes
+
+
+def _largest_agreeing(q: np.ndarray, nb: np.ndarray, valid: np.ndarray, point_group: Any,
+                      tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """The largest set of each pixel's valid neighbours agreeing with one of them.
+
+    Returns ``members`` (c, k) bool and the index ``best`` (c,) of the neighbour
+    the set agrees with (the first of the largest sets).
+    """
+    agree = _pairwise_agreement(q, nb, valid, point_group, tolerance)
+    best = np.argmax(agree.sum(axis=2), axis=1)
+    return agree[np.arange(len(nb)), best], best
 
 
 def fill_zero_solutions(quaternions: np.ndarray, indexed: np.ndarray, fillable: np.ndarray,
@@ -606,10 +624,7 @@ def fill_zero_solutions(quaternions: np.ndarray, indexed: np.ndarray, fillable: 
         if cand.size == 0:
             break
         nb, ok = table[cand], valid[cand]
-        agree = _pairwise_agreement(q, nb, ok, point_group, tolerance)
-        counts = agree.sum(axis=2)                         # (c, k): agreeing with neighbour j
-        best = np.argmax(counts, axis=1)
-        members = agree[np.arange(len(cand)), best]       # (c, k)
+        members, best = _largest_agreeing(q, nb, ok, point_group, tolerance)
         take = members.sum(axis=1) >= min_neighbours
         if not take.any():
             break

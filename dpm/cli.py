@@ -221,12 +221,11 @@ def _run_index(args: argparse.Namespace) -> int:
 
 
 def _write_grains(xmap: Any, out: Path, config: Any) -> Any:
-    """Grains of a map and their files (grains.csv, grains.json, boundaries.png) in ``out``."""
+    """Grains of a map and their files (:func:`dpm.grains.write_grain_outputs`) in ``out``."""
     from dpm.grains import grains, write_grain_outputs
-    from dpm.maps import ipf_colors
 
     grain_map = grains(xmap, config)
-    write_grain_outputs(grain_map, ipf_colors(xmap, "z"), out)
+    write_grain_outputs(grain_map, xmap, out)
     return grain_map
 
 

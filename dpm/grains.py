@@ -44,6 +44,7 @@ Unlike MTEX's ``minPixel`` they are not turned into unindexed pixels.
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 import types
 from dataclasses import dataclass, replace
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
     from orix.quaternion import Symmetry
 
 Grid = Literal["square", "hexagonal"]
+
+log = logging.getLogger("dpm")
 
 #: (row, column) offsets of the 8 neighbours on a square grid.
 _SQUARE_OFFSETS = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
@@ -73,6 +76,11 @@ def check_grid(grid: str) -> None:
 #: Pairs (or pixels) per chunk of the general orix misorientation path and
 #: of the symmetry alignment; bounds the temporary memory to ~100 MB.
 CHUNK = 1 << 18
+
+#: Per-pixel flags of dpm's cleanup stages (CrystalMap properties) that the
+#: map summary counts: zero solutions replaced from neighbours, wild spikes,
+#: zero solutions filled, pseudo-symmetry corrections.
+CLEANUP_FLAGS = ("replaced", "despiked", "filled", "pseudo_symmetry")
 
 #: Per-grain table columns, in order, with their units in the name.
 COLUMNS = ("grain_id", "pixels", "area_um2", "ecd_um", "centroid_x_um", "centroid_y_um",
@@ -104,6 +112,15 @@ class GrainConfig:
     step_size
         Map step in µm (the distance between neighbouring pixel centres
         along x on either grid).
+    kam_threshold
+        Degrees: neighbour pairs misoriented by this much or more are left out
+        of the kernel average misorientation (:func:`kernel_average_misorientation`).
+    astm_min_pixels
+        ASTM E2627: grains with fewer pixels are left out of the mean area.
+    astm_min_mean_pixels
+        ASTM E2627: the mean grain (edge grains excluded, before the size
+        cut) must have at least this many pixels for the measurement to be
+        valid; a warning is logged otherwise.
     """
 
     high_angle: float = 10.0
@@ -112,8 +129,16 @@ class GrainConfig:
     interface_direction: Literal["x", "y"] = "x"
     grid: Grid = "square"
     step_size: float = 1.0
+    kam_threshold: float = 5.0
+    astm_min_pixels: int = 100
+    astm_min_mean_pixels: int = 500
 
     def __post_init__(self) -> None:
+        if not 0 < self.kam_threshold <= 180:
+            raise ValueError(f"Expected kam_threshold in (0, 180] degrees, got {self.kam_threshold}")
+        if self.astm_min_pixels < 1 or self.astm_min_mean_pixels < 1:
+            raise ValueError("Expected astm_min_pixels and astm_min_mean_pixels >= 1, got "
+                             f"{self.astm_min_pixels} and {self.astm_min_mean_pixels}")
         if not 0 < self.low_angle <= self.high_angle:
             raise ValueError("Expected 0 < low_angle <= high_angle, got "
                              f"low_angle={self.low_angle}, high_angle={self.high_angle}")
@@ -145,6 +170,9 @@ class GrainMap:
         Map-level statistics (see :func:`reconstruct_grains`).
     config : GrainConfig
         The configuration used.
+    kam : (ny, nx) float64 array
+        Kernel average misorientation of every pixel in degrees
+        (:func:`kernel_average_misorientation`), NaN where undefined.
     """
 
     labels: np.ndarray
@@ -153,6 +181,7 @@ class GrainMap:
     table: dict[str, np.ndarray]
     summary: dict[str, Any]
     config: GrainConfig
+    kam: np.ndarray
 
     @property
     def hagb(self) -> np.ndarray:
@@ -346,6 +375,121 @@ def align_to(q: np.ndarray, ref: np.ndarray, ops: np.ndarray) -> np.ndarray:
     return out
 
 
+def kernel_average_misorientation(labels: np.ndarray, pairs: np.ndarray, pair_angle: np.ndarray,
+                                  threshold: float = 5.0) -> np.ndarray:
+    """Kernel average misorientation (KAM) of every pixel, first-order kernel.
+
+    The mean disorientation between a pixel and its face neighbours (4 on
+    square grids, 6 on hexagonal ones, as :func:`neighbour_pairs` gives them)
+    over the neighbours in the same grain misoriented by less than
+    ``threshold`` (MTEX ``KAM`` with ``order=1`` and a threshold, which also
+    skips pixel pairs in different grains; AZtecCrystal's default maximum
+    angle is 5°).
+
+    Parameters
+    ----------
+    labels : (ny, nx) int array
+        Grain id of every pixel, -1 where unindexed.
+    pairs : (p, 2) int array
+        Face-neighbour pixel pairs (row-major pixel indices), each once.
+    pair_angle : (p,) array
+        Disorientation of each pair in degrees.
+    threshold
+        Degrees; pairs at or above it are left out.
+
+    Returns
+    -------
+    kam : (ny, nx) float64 array
+        Degrees; NaN for unindexed pixels and pixels without a pair kept.
+
+    Examples
+    --------
+    >>> lab = np.zeros((1, 3), dtype=int)
+    >>> kernel_average_misorientation(lab, np.array([[0, 1], [1, 2]]), np.array([1.0, 3.0])).tolist()
+    [[1.0, 2.0, 3.0]]
+    """
+    lab = np.asarray(labels).ravel()
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    angle = np.asarray(pair_angle, dtype=np.float64)
+    if angle.shape != (len(pairs),):
+        raise ValueError(f"Expected one pair_angle per pair ({len(pairs)}), got shape {angle.shape}")
+    a, b = lab[pairs[:, 0]], lab[pairs[:, 1]]
+    keep = (a >= 0) & (a == b) & (angle < threshold)
+    ends = pairs[keep].ravel()
+    total = np.bincount(ends, np.repeat(angle[keep], 2), minlength=lab.size)
+    count = np.bincount(ends, minlength=lab.size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kam = np.where(count > 0, total / count, np.nan)
+    return kam.reshape(np.shape(labels))
+
+
+def astm_grain_size_number(mean_area_um2: float) -> float:
+    """ASTM grain size number G of a mean grain area Ā in µm² (E112 planimetric relation).
+
+    ``G = 2 log₂ 254 + 1 - log₁₀ Ā / log₁₀ 2``: one grain per square inch at
+    100× (Ā = 254² µm², 254 µm being 1/100 inch) is G = 1, and G rises by 1
+    each time Ā halves.
+
+    Examples
+    --------
+    >>> round(astm_grain_size_number(254.0**2), 6)   # one grain per in² at 100x
+    1.0
+    """
+    if not mean_area_um2 > 0:
+        raise ValueError(f"Expected a positive mean grain area in µm², got {mean_area_um2}")
+    return float(2.0 * np.log2(254.0) + 1.0 - np.log10(mean_area_um2) / np.log10(2.0))
+
+
+def astm_e2627(table: dict[str, np.ndarray], config: GrainConfig = GrainConfig()) -> dict[str, Any]:
+    """Mean grain size by the ASTM E2627 procedure (EBSD, fully recrystallised material).
+
+    Grains touching the map edge are excluded; the mean number of pixels of
+    the remaining grains must reach ``config.astm_min_mean_pixels`` (500) for
+    the measurement to be valid (a warning is logged otherwise); grains of
+    fewer than ``config.astm_min_pixels`` (100) pixels are then excluded, and
+    the number-weighted mean area Ā of the rest gives the grain size number
+    (:func:`astm_grain_size_number`). Columnar films whose grains all span the
+    film touch the map edge, so the procedure measures none of them there;
+    use the widths of :func:`reconstruct_grains` instead.
+
+    Parameters
+    ----------
+    table
+        Grain table of :func:`reconstruct_grains` (``pixels``, ``area_um2``,
+        ``touches_edge``).
+    config
+        The two pixel limits.
+
+    Returns
+    -------
+    dict
+        ``astm_e2627_grains`` (grains measured), ``astm_e2627_excluded_edge``,
+        ``astm_e2627_excluded_small``, ``astm_e2627_mean_pixels_before_cut``,
+        ``astm_e2627_mean_area_um2`` (Ā), ``astm_e2627_G`` (NaN without grains)
+        and ``astm_e2627_valid`` (the mean-size requirement holds).
+    """
+    inside = ~np.asarray(table["touches_edge"], dtype=bool)
+    pixels = np.asarray(table["pixels"])[inside]
+    area = np.asarray(table["area_um2"], dtype=np.float64)[inside]
+    mean_before = float(pixels.mean()) if len(pixels) else float("nan")
+    big = pixels >= config.astm_min_pixels
+    mean_area = float(area[big].mean()) if big.any() else float("nan")
+    valid = bool(len(pixels) and mean_before >= config.astm_min_mean_pixels)
+    if not valid:
+        log.warning("ASTM E2627: the mean interior grain has %.0f pixels (fewer than %d, or no "
+                    "interior grain); the step size is too coarse for the procedure",
+                    mean_before if len(pixels) else 0.0, config.astm_min_mean_pixels)
+    return {
+        "astm_e2627_grains": int(big.sum()),
+        "astm_e2627_excluded_edge": int((~inside).sum()),
+        "astm_e2627_excluded_small": int((~big).sum()),
+        "astm_e2627_mean_pixels_before_cut": mean_before,
+        "astm_e2627_mean_area_um2": mean_area,
+        "astm_e2627_G": astm_grain_size_number(mean_area) if big.any() else float("nan"),
+        "astm_e2627_valid": valid,
+    }
+
+
 def reconstruct_grains(quaternions: np.ndarray, indexed: np.ndarray, map_shape: tuple[int, int],
                        point_group: Symmetry, *, config: GrainConfig = GrainConfig()) -> GrainMap:
     """Grains of a map and their statistics.
@@ -393,7 +537,9 @@ def reconstruct_grains(quaternions: np.ndarray, indexed: np.ndarray, map_shape: 
         ``area_weighted_ecd_um`` and ``area_weighted_width_um``,
         ``hagb_length_per_area_per_um`` and ``lagb_length_per_area_per_um``
         (boundary length over indexed area, µm⁻¹), ``n_hagb_pairs``,
-        ``n_lagb_pairs``, and the configuration values.
+        ``n_lagb_pairs``, ``mean_kam_deg`` (mean kernel average
+        misorientation), the ASTM E2627 entries of :func:`astm_e2627`, and the
+        configuration values.
 
     Examples
     --------
@@ -432,8 +578,10 @@ def reconstruct_grains(quaternions: np.ndarray, indexed: np.ndarray, map_shape: 
     lab[pix] = rank[inverse]
 
     table = _grain_table(q, lab, pix, pairs, (ny, nx), point_group, config)
-    summary = _summary(table, lab, pairs, angle, config)
-    return GrainMap(lab.reshape(ny, nx), pairs, angle, table, summary, config)
+    kam = kernel_average_misorientation(lab.reshape(ny, nx), pairs, angle, config.kam_threshold)
+    summary = _summary(table, lab, pairs, angle, config) | astm_e2627(table, config)
+    summary["mean_kam_deg"] = float(np.nanmean(kam)) if np.isfinite(kam).any() else float("nan")
+    return GrainMap(lab.reshape(ny, nx), pairs, angle, table, summary, config, kam)
 
 
 def _grain_table(q: np.ndarray, lab: np.ndarray, pix: np.ndarray, pairs: np.ndarray,
@@ -552,6 +700,18 @@ def write_grain_table(grain_map: GrainMap, path: str | Path) -> None:
         writer.writerows(zip(*(t.tolist() for t in text)))
 
 
+def write_grain_table_parquet(grain_map: GrainMap, path: str | Path) -> None:
+    """Write the grain table as Parquet (pyarrow): the columns of :data:`COLUMNS`, typed.
+
+    Counts and ids are int64, flags bool, everything else float64, with the
+    units in the column names as in the CSV.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({c: np.asarray(grain_map.table[c]) for c in COLUMNS}), str(path))
+
+
 def boundary_overlay(grain_map: GrainMap, rgb: np.ndarray, *, scale: int = 4) -> np.ndarray:
     """Grain boundaries drawn over a map image: HAGB black, LAGB white.
 
@@ -605,6 +765,9 @@ def grains(xmap: Any, config: GrainConfig | None = None) -> GrainMap:
     Returns
     -------
     GrainMap
+        Its summary also counts the pixels that cleanup changed, for each of
+        :data:`CLEANUP_FLAGS` the map carries as a property
+        (``replaced_pixels``, ...).
     """
     ny, nx = (1, xmap.size) if len(xmap.shape) == 1 else xmap.shape
     if ny * nx != xmap.size or not xmap.is_in_data.all():
@@ -623,31 +786,54 @@ def grains(xmap: Any, config: GrainConfig | None = None) -> GrainMap:
         q = q.reshape(ny * nx, -1, 4)[:, 0]
     indexed = np.asarray(xmap.phase_id) >= 0
     point_group = xmap.phases[phase_ids[0]].point_group
-    return reconstruct_grains(q, indexed, (ny, nx), point_group, config=config)
+    grain_map = reconstruct_grains(q, indexed, (ny, nx), point_group, config=config)
+    for flag in CLEANUP_FLAGS:
+        if flag in xmap.prop:
+            grain_map.summary[f"{flag}_pixels"] = int(np.count_nonzero(xmap.prop[flag]))
+    return grain_map
 
 
-def write_grain_outputs(grain_map: GrainMap, rgb: np.ndarray, out: str | Path) -> list[Path]:
-    """Write ``grains.csv``, ``grains.json`` (map summary) and ``boundaries.png`` into ``out``.
+def write_grain_outputs(grain_map: GrainMap, xmap: Any, out: str | Path) -> list[Path]:
+    """Write the grain layer's files into ``out``.
+
+    ``grains.csv`` and ``grains.parquet`` (the grain table), ``grains.json``
+    (the map summary), ``boundaries.png`` (HAGB black, LAGB white over the
+    IPF-z map), ``kam.png`` (kernel average misorientation, 0 to the KAM
+    threshold, unindexed black), ``grain_widths.png`` (histogram of the widths
+    along the interface of the grains not flagged ``small``), and the IPF maps
+    along x, y and z with the colour key (:func:`dpm.maps.write_ipf_maps`).
 
     Parameters
     ----------
     grain_map
         From :func:`grains` or :func:`reconstruct_grains`.
-    rgb : (ny, nx, 3) float array
-        Map to draw the boundaries over (e.g. IPF colours).
+    xmap
+        The orix ``CrystalMap`` the grains were reconstructed from.
     out
         Existing output folder.
+
+    Returns
+    -------
+    paths
+        The files written.
     """
     import json
 
-    from dpm.maps import save_rgb
+    from dpm.maps import ipf_colors, save_histogram, save_rgb, save_scalar, write_ipf_maps
 
     out = Path(out)
-    paths = [out / "grains.csv", out / "grains.json", out / "boundaries.png"]
+    paths = [out / "grains.csv", out / "grains.parquet", out / "grains.json",
+             out / "boundaries.png", out / "kam.png", out / "grain_widths.png"]
     write_grain_table(grain_map, paths[0])
-    paths[1].write_text(json.dumps(_jsonable(grain_map.summary), indent=2) + "\n")
-    save_rgb(paths[2], boundary_overlay(grain_map, rgb), scale=1)
-    return paths
+    write_grain_table_parquet(grain_map, paths[1])
+    paths[2].write_text(json.dumps(_jsonable(grain_map.summary), indent=2) + "\n")
+    save_rgb(paths[3], boundary_overlay(grain_map, ipf_colors(xmap, "z")), scale=1)
+    save_scalar(paths[4], grain_map.kam, cmap="viridis", vmin=0.0,
+                vmax=grain_map.config.kam_threshold)
+    keep = ~grain_map.table["small"]
+    save_histogram(paths[5], grain_map.table["width_um"][keep],
+                   xlabel=f"width along the interface ({grain_map.config.interface_direction}), µm")
+    return paths + write_ipf_maps(xmap, out)
 
 
 def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:

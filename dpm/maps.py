@@ -60,10 +60,76 @@ def save_rgb(path: str | Path, rgb: np.ndarray, scale: int | None = None) -> Non
 
 def save_scalar(path: str | Path, values: np.ndarray, cmap: str = "gray",
                 vmin: float | None = None, vmax: float | None = None, scale: int | None = None) -> None:
-    """Save an ``(ny, nx)`` scalar map (e.g. NCC score) as PNG with a colour map."""
+    """Save an ``(ny, nx)`` scalar map (e.g. NCC score) as PNG with a colour map; NaN black."""
     import matplotlib.image as mpimg
+
+    import matplotlib
 
     scale = _scale(np.shape(values), scale)
     v = np.asarray(values, dtype=float)
     big = np.repeat(np.repeat(v, scale, axis=0), scale, axis=1)
-    mpimg.imsave(str(path), big, cmap=cmap, vmin=vmin, vmax=vmax)
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="black")
+    mpimg.imsave(str(path), np.ma.masked_invalid(big), cmap=colours, vmin=vmin, vmax=vmax)
+
+
+#: Sample directions of the IPF maps written by :func:`write_ipf_maps`.
+IPF_DIRECTIONS = ("x", "y", "z")
+
+
+def save_ipf_key(path: str | Path, point_group) -> None:
+    """Save orix's IPF colour key (``IPFColorKeyTSL``) of a point group's Laue group as PNG.
+
+    The TSL key colours the crystal direction along the sample direction and
+    is the same for every sample direction, so one key serves all IPF maps.
+    """
+    import matplotlib.pyplot as plt
+    from orix.plot import IPFColorKeyTSL
+
+    fig = IPFColorKeyTSL(point_group.laue).plot(return_figure=True)
+    fig.savefig(str(path), dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_ipf_maps(xmap, out: str | Path) -> list[Path]:
+    """Write ``ipf_x.png``, ``ipf_y.png``, ``ipf_z.png`` and ``ipf_key.png`` into ``out``.
+
+    Parameters
+    ----------
+    xmap
+        orix ``CrystalMap`` (unindexed pixels black).
+    out
+        Existing folder.
+
+    Returns
+    -------
+    paths
+        The files written.
+    """
+    out = Path(out)
+    paths = [out / f"ipf_{d}.png" for d in IPF_DIRECTIONS] + [out / "ipf_key.png"]
+    for d, path in zip(IPF_DIRECTIONS, paths):
+        save_rgb(path, ipf_colors(xmap, d))
+    phases = [phase for phase_id, phase in xmap.phases if phase_id >= 0]
+    save_ipf_key(paths[-1], phases[0].point_group)
+    return paths
+
+
+def save_histogram(path: str | Path, values: np.ndarray, *, xlabel: str, bins: int = 30,
+                   weights: np.ndarray | None = None, ylabel: str = "grains") -> None:
+    """Save a histogram of ``values`` (e.g. grain widths in µm) as PNG, the mean marked.
+
+    The mean is weighted by ``weights`` when given (and the bars are).
+    """
+    import matplotlib.pyplot as plt
+
+    v = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
+    if v.size:
+        ax.hist(v, bins=bins, weights=weights, color="0.6", edgecolor="k", linewidth=0.5)
+        mean = float(np.average(v, weights=weights))
+        ax.axvline(mean, color="tab:red", label=f"mean {mean:.3g}")
+        ax.legend(frameon=False)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.savefig(str(path), dpi=150)
+    plt.close(fig)

@@ -188,11 +188,149 @@ def columnar_grains(config: SyntheticConfig, rng: np.random.Generator) -> np.nda
     x0 = np.cumsum(np.maximum(widths, 2.0)) - widths[0] * rng.random()
     x0 = x0[x0 < nx + 2 * config.grain_width]
     slopes = rng.normal(0.0, config.boundary_tilt, size=len(x0))
+    _, ids = np.unique(_columns(x0, slopes, (ny, nx)), return_inverse=True)
+    return ids.reshape(ny, nx)
+
+
+def _columns(x0: np.ndarray, slopes: np.ndarray, map_shape: tuple[int, int]) -> np.ndarray:
+    """(ny, nx) column index of every pixel centre: the number of boundary lines
+    ``x = x0 + slope (y - ny/2)`` (pixel units) at or left of it."""
+    ny, nx = map_shape
     y, x = np.mgrid[0:ny, 0:nx].astype(float)
     boundary_x = x0[None, None, :] + slopes[None, None, :] * (y[..., None] - ny / 2)
-    ids = (x[..., None] >= boundary_x).sum(axis=-1)
-    _, ids = np.unique(ids, return_inverse=True)
-    return ids.reshape(ny, nx)
+    return (x[..., None] >= boundary_x).sum(axis=-1)
+
+
+@dataclass(frozen=True, eq=False)
+class ColumnarFilm:
+    """A columnar film (orientation map without patterns) and its truth.
+
+    Square grid, x (columns) along the interface, y (rows) across the film;
+    every grain spans the film. Lengths in µm.
+
+    Attributes
+    ----------
+    grain_ids : (ny, nx) int array
+        Grain of every pixel, numbered from 0 along x.
+    grain_quaternions : (g, 4) array
+        Orientation of each grain.
+    quaternions : (ny · nx, 4) array
+        Orientation of every pixel: its grain's, rotated by the orientation
+        noise; random at wild spikes.
+    diffracting : (ny, nx) bool array
+        False inside pores (which must stay unindexed).
+    spikes : (ny, nx) bool array
+        Wild spikes: single pixels with a random orientation.
+    zero_solutions : (ny, nx) bool array
+        Diffracting pixels left unindexed (to be filled from their neighbours).
+    trace_angle_deg : (g - 1,) array
+        Angle of each boundary line to the interface, measured from +x towards
+        +y, in (0, 180); 90 is perpendicular.
+    boundary_grains : (g - 1, 2) int array
+        The grains on either side of each boundary (boundary ``k`` separates
+        grains ``k`` and ``k + 1``).
+    width_um : (g,) array
+        Caliper extent of each grain along x: from the leftmost point of its
+        left boundary to the rightmost point of its right boundary over the
+        film (the map edge for the first and last grain).
+    step_size
+        Map step in µm.
+    """
+
+    grain_ids: np.ndarray
+    grain_quaternions: np.ndarray
+    quaternions: np.ndarray
+    diffracting: np.ndarray
+    spikes: np.ndarray
+    zero_solutions: np.ndarray
+    trace_angle_deg: np.ndarray
+    boundary_grains: np.ndarray
+    width_um: np.ndarray
+    step_size: float
+
+
+def columnar_film(map_shape: tuple[int, int], rng: np.random.Generator, *, step_size: float = 1.0,
+                  width_range: tuple[float, float] = (10.0, 150.0),
+                  perpendicular_fraction: float = 0.5, perpendicular_tilt: float = 2.0,
+                  tilt_range: tuple[float, float] = (4.0, 12.0), pore_fraction: float = 0.02,
+                  spike_fraction: float = 0.01, zero_solution_fraction: float = 0.01,
+                  noise_deg: float = 0.3, min_gap: float = 5.0,
+                  min_misorientation: float = 15.0) -> ColumnarFilm:
+    """Draw a columnar film: grains spanning the film with known widths and boundary angles.
+
+    Grain widths (at mid-film, along x) are uniform in ``width_range`` µm;
+    each boundary is a straight line whose tilt from the film normal is
+    uniform in ``±perpendicular_tilt`` degrees with probability
+    ``perpendicular_fraction`` and otherwise uniform in ``tilt_range`` with a
+    random sign; tilts are redrawn until neighbouring boundaries stay
+    ``min_gap`` pixels apart across the whole film. Grain orientations are
+    uniformly random, redrawn until neighbouring grains are more than
+    ``min_misorientation`` degrees apart (m-3m); every pixel's orientation
+    is rotated by ``noise_deg`` about a random axis. Then pores
+    (:func:`pores`, ``pore_fraction``), wild spikes (``spike_fraction`` of
+    the diffracting pixels get a random orientation more than
+    ``min_misorientation`` from their grain's) and zero solutions
+    (``zero_solution_fraction`` of the other diffracting pixels) are placed
+    at random. Pores never cut a grain in two: a piece of a grain they cut
+    off (a 4-connected remnant beside the map edge) is made part of the pore,
+    so every grain is one connected region.
+
+    Returns
+    -------
+    ColumnarFilm
+    """
+    from orix.quaternion import Rotation
+    from orix.quaternion.symmetry import Oh
+
+    from dpm.grains import disorientation_angles
+
+    ny, nx = (int(v) for v in map_shape)
+    lo, hi = (w / step_size for w in width_range)
+    widths = rng.uniform(lo, hi, size=int(nx / lo) + 2)
+    x0 = np.cumsum(widths) - rng.uniform(0.0, widths[0])
+    x0 = x0[(x0 > min_gap) & (x0 < nx - 1 - min_gap)]
+    edges = np.array([-0.5, ny - 0.5]) - ny / 2          # film top and bottom, from mid-film
+    while True:
+        perpendicular = rng.random(len(x0)) < perpendicular_fraction
+        tilt = np.where(perpendicular, rng.uniform(-perpendicular_tilt, perpendicular_tilt, len(x0)),
+                        rng.uniform(*tilt_range, len(x0)) * rng.choice([-1.0, 1.0], len(x0)))
+        slopes = np.tan(np.radians(tilt))                 # dx/dy of each line
+        ends = x0[:, None] + slopes[:, None] * edges       # (b, 2): x at top and bottom
+        if (np.diff(ends, axis=0) >= min_gap).all() and (ends > 0).all() and (ends < nx - 1).all():
+            break
+    ids = _columns(x0, slopes, (ny, nx))
+    n_grains = len(x0) + 1
+    while True:
+        grain_q = random_quaternions(n_grains, rng)
+        if disorientation_angles(grain_q[:-1], grain_q[1:], Oh).min() > min_misorientation:
+            break
+    left = np.concatenate([[-0.5], ends.min(axis=1)])
+    right = np.concatenate([ends.max(axis=1), [nx - 0.5]])
+    q = grain_q[ids.ravel()]
+    axes = rng.normal(size=(len(q), 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    half = np.radians(noise_deg) / 2
+    noise = np.concatenate([np.full((len(q), 1), np.cos(half)), np.sin(half) * axes], axis=1)
+    q = (Rotation(noise) * Rotation(q)).data
+    diffracting = pores(SyntheticConfig(map_shape=(ny, nx), pore_fraction=pore_fraction), rng)
+    for k in range(n_grains):   # a piece of a grain cut off by pores joins the pores
+        pieces, n_pieces = ndimage.label((ids == k) & diffracting)
+        if n_pieces > 1:
+            sizes = np.bincount(pieces.ravel())[1:]
+            diffracting &= ~((pieces > 0) & (pieces != np.argmax(sizes) + 1))
+    spikes = weak_pixels(diffracting, spike_fraction, rng)
+    at = np.flatnonzero(spikes)
+    while len(at):     # a spike differs from its grain by more than min_misorientation
+        q[at] = random_quaternions(len(at), rng)
+        at = at[disorientation_angles(q[at], grain_q[ids.ravel()[at]], Oh) <= min_misorientation]
+    zero = weak_pixels(diffracting & ~spikes, zero_solution_fraction, rng)
+    trace = np.degrees(np.arctan2(1.0, slopes))           # direction (slope, 1) from +x
+    return ColumnarFilm(
+        grain_ids=ids, grain_quaternions=grain_q, quaternions=q, diffracting=diffracting,
+        spikes=spikes, zero_solutions=zero, trace_angle_deg=trace,
+        boundary_grains=np.stack([np.arange(len(x0)), np.arange(1, len(x0) + 1)], axis=1),
+        width_um=(right - left) * step_size, step_size=float(step_size))
+
 
 
 def pores(config: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:

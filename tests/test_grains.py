@@ -17,8 +17,9 @@ from orix.quaternion.symmetry import D6h, Oh
 from scipy import ndimage
 
 from dpm.cleanup import neighbours
-from dpm.grains import (COLUMNS, GrainConfig, boundary_overlay, disorientation_angles,
-                        neighbour_pairs, reconstruct_grains, write_grain_table)
+from dpm.grains import (COLUMNS, GrainConfig, astm_grain_size_number, boundary_overlay,
+                        disorientation_angles, neighbour_pairs, pixel_coordinates,
+                        reconstruct_grains, write_grain_table, write_grain_table_parquet)
 from dpm.synthetic import SyntheticConfig, columnar_grains, pores, random_quaternions
 
 #: Seed whose map meets the preconditions checked in ``columnar`` (no pore
@@ -275,3 +276,132 @@ def test_dpm_grains_is_callable_as_the_design_says():
     assert dpm.grains(xmap).summary["n_grains"] == 2
     importlib.import_module("dpm.grains")
     assert dpm.grains(xmap).summary["n_grains"] == 2
+
+
+class TestKernelAverageMisorientation:
+    """Analytic oracle: orientation turning by DELTA per step about z along x."""
+
+    DELTA = 0.5
+
+    def gradient_map(self, grid):
+        shape = (6, 20)
+        x, _ = pixel_coordinates(shape, grid, 1.0)
+        q = _axis_angle(np.tile([0.0, 0, 1], (x.size, 1)), self.DELTA * x)
+        return reconstruct_grains(q, np.ones(x.size, bool), shape, Oh, config=GrainConfig(grid=grid))
+
+    def test_square_interior_is_half_the_step(self):
+        kam = self.gradient_map("square").kam
+        # Two x-neighbours at DELTA, two y-neighbours at 0.
+        np.testing.assert_allclose(kam[1:-1, 1:-1], self.DELTA / 2, atol=1e-4)
+        np.testing.assert_allclose(kam[1:-1, 0], self.DELTA / 3, atol=1e-4)   # no left neighbour
+
+    def test_hexagonal_interior_is_two_thirds_of_the_step(self):
+        kam = self.gradient_map("hexagonal").kam
+        # Left/right at DELTA, the four diagonal neighbours at DELTA / 2.
+        np.testing.assert_allclose(kam[1:-1, 1:-1], 2 * self.DELTA / 3, atol=1e-4)
+
+    def test_other_grains_threshold_and_pores_left_out(self):
+        shape = (4, 10)
+        q = np.tile([1.0, 0, 0, 0], (40, 1))
+        q[np.arange(40) % 10 >= 5] = _axis_angle(np.array([[0.0, 0, 1]]), np.array([30.0]))[0]
+        q[12] = _axis_angle(np.array([[1.0, 0, 0]]), np.array([3.0]))[0]  # 3° sub-grain pixel
+        indexed = np.ones(40, bool)
+        indexed[17] = False
+        gm = reconstruct_grains(q, indexed, shape, Oh, config=GrainConfig(kam_threshold=2.0))
+        kam = gm.kam.ravel()
+        assert np.isnan(kam[17])
+        assert np.nanmax(kam) < 1e-4                   # the 30° boundary and the 3° pairs are out
+        assert np.isnan(kam[12])                       # all its pairs are above the threshold
+        gm = reconstruct_grains(q, indexed, shape, Oh, config=GrainConfig(kam_threshold=5.0))
+        assert gm.kam.ravel()[12] == pytest.approx(3.0, abs=1e-4)
+        assert gm.summary["mean_kam_deg"] == pytest.approx(np.nanmean(gm.kam))
+
+
+class TestASTME2627:
+    def test_grain_size_number_matches_astm_e112_table(self):
+        # ASTM E112 Table 4: G = 8.0 <-> mean area 504 µm² (1984 grains per mm²).
+        assert astm_grain_size_number(504.0) == pytest.approx(8.0, abs=0.01)
+        assert astm_grain_size_number(1.0 / 1984.09 * 1e6) == pytest.approx(8.0, abs=1e-4)
+
+    def test_edge_and_small_grains_excluded(self):
+        # 4 x 4 blocks of 25 x 25 px; one interior block holds an 8 x 8 px grain.
+        rng = np.random.default_rng(3)
+        block = np.arange(100) // 25
+        ids = block[:, None] * 4 + block[None, :]
+        ids[30:38, 30:38] = 16
+        q = random_quaternions(17, rng)[ids.ravel()]
+        step = 2.0
+        gm = reconstruct_grains(q, np.ones(ids.size, bool), ids.shape, Oh,
+                                config=GrainConfig(step_size=step))
+        s = gm.summary
+        assert s["astm_e2627_excluded_edge"] == 12
+        # Interior: 3 blocks of 625 px, one of 561 px and the 64 px grain: mean exactly 500.
+        assert s["astm_e2627_mean_pixels_before_cut"] == pytest.approx(500.0)
+        assert s["astm_e2627_valid"]
+        assert s["astm_e2627_excluded_small"] == 1 and s["astm_e2627_grains"] == 4
+        mean_area = (3 * 625 + 561) / 4 * step**2
+        assert s["astm_e2627_mean_area_um2"] == pytest.approx(mean_area)
+        assert s["astm_e2627_G"] == pytest.approx(astm_grain_size_number(mean_area))
+
+    def test_too_coarse_a_step_is_flagged(self, caplog):
+        ids = (np.arange(40)[:, None] // 10) * 4 + np.arange(40)[None, :] // 10   # 100 px grains
+        q = random_quaternions(16, np.random.default_rng(4))[ids.ravel()]
+        with caplog.at_level("WARNING", logger="dpm"):
+            gm = reconstruct_grains(q, np.ones(ids.size, bool), ids.shape, Oh)
+        assert not gm.summary["astm_e2627_valid"] and "ASTM E2627" in caplog.text
+
+
+def test_grain_table_parquet_equals_csv(columnar, tmp_path):
+    import pyarrow.parquet as pq
+
+    *_, gm = columnar
+    write_grain_table_parquet(gm, tmp_path / "grains.parquet")
+    table = pq.read_table(tmp_path / "grains.parquet")
+    assert table.column_names == list(COLUMNS)
+    for c in COLUMNS:
+        np.testing.assert_array_equal(table.column(c).to_numpy(), gm.table[c])
+    assert table.schema.field("touches_edge").type == "bool"
+
+
+class TestColumnarFilmAcceptance:
+    """Issue 5: columnar films with known grains, 2% pores and 1% wild spikes.
+
+    Widths 10–150 µm, heights the film thickness, random orientations; the
+    map is cleaned (wild spikes, zero-solution fill 6 then 5) and its grains
+    reconstructed. Oracle: the generator's grains, widths and boundary lines.
+    """
+
+    @pytest.fixture(scope="class", params=[0, 1, 2])
+    def film(self, request):
+        from dpm.cleanup import clean_map
+        from dpm.synthetic import columnar_film
+
+        f = columnar_film((60, 2000), np.random.default_rng(request.param))
+        indexed = (f.diffracting & ~f.zero_solutions).ravel()
+        cleaned = clean_map(f.quaternions, indexed, f.diffracting.ravel(), f.grain_ids.shape, Oh)
+        gm = reconstruct_grains(cleaned.quaternions, cleaned.indexed, f.grain_ids.shape, Oh)
+        return f, cleaned, gm
+
+    def test_grain_count_exact(self, film):
+        f, _, gm = film
+        assert gm.summary["n_grains"] == f.grain_ids.max() + 1 == gm.labels.max() + 1
+        # Each true grain is one reconstructed grain: its pixels' majority label, a
+        # different one for every grain; only pixels on a boundary (a spike there takes
+        # either side) or left unindexed differ.
+        lab, truth = gm.labels[f.diffracting], f.grain_ids[f.diffracting]
+        majority = [np.bincount(lab[(truth == k) & (lab >= 0)]).argmax()
+                    for k in range(truth.max() + 1)]
+        assert sorted(majority) == list(range(truth.max() + 1))
+        assert np.mean(np.take(majority, truth) == lab) > 0.995
+
+    def test_mean_width_within_five_percent(self, film):
+        f, _, gm = film
+        assert gm.summary["mean_width_um"] == pytest.approx(f.width_um.mean(), rel=0.05)
+
+    def test_no_pore_filled_every_spike_removed(self, film):
+        f, cleaned, _ = film
+        assert not cleaned.indexed[~f.diffracting.ravel()].any()
+        assert not cleaned.filled[~f.diffracting.ravel()].any()
+        assert set(np.flatnonzero(f.spikes)) <= set(np.flatnonzero(cleaned.despiked))
+        filled = cleaned.filled[f.zero_solutions.ravel()]
+        assert filled.mean() > 0.95     # the rest lack 5 agreeing neighbours (pores, edges)
