@@ -17,7 +17,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 _INDEX_OPTIONS = ("phase", "master_pattern", "pc", "pc_convention", "sample_tilt",
                   "detector_tilt", "resolution", "refine", "device", "memory_budget",
-                  "kv", "npx", "keep", "method", "mask")
+                  "kv", "npx", "keep", "method", "mask", "grid")
 #: Command-line flags that set a field of a nested config table: flag -> (table, field).
 _TABLE_OPTIONS = {
     "binning": ("preprocess", "binning"),
@@ -27,9 +27,9 @@ _TABLE_OPTIONS = {
     "refine_pc": ("refinement", "pattern_centre"),
     "zero_solution_threshold": ("zero_solutions", "threshold"),
     "band_contrast_threshold": ("zero_solutions", "band_contrast_threshold"),
-    "grid": ("zero_solutions", "grid"),
+    "interface_direction": ("grains", "interface_direction"),
 }
-_TABLES = ("preprocess", "refinement", "zero_solutions", "cleanup")
+_TABLES = ("preprocess", "refinement", "zero_solutions", "cleanup", "grains")
 
 
 class UsageError(ValueError):
@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--band-contrast-threshold", type=float, metavar="BC",
                    help="zero solutions are replaced only above this band contrast (default 10)")
     i.add_argument("--grid", choices=("square", "hexagonal"), help="map grid (default square)")
+    i.add_argument("--interface-direction", choices=("x", "y"),
+                   help="map axis along the interface, for grain widths (default x)")
 
     g = sub.add_parser("grains", help="grains and grain statistics of an orientation map")
     g.add_argument("map", help="orientation map: dpm's map.h5, an orix .h5, .ang or .ctf")
@@ -193,7 +195,8 @@ def _run_index(args: argparse.Namespace) -> int:
         if opts.get(stage) is False:  # config.toml's spelling of "stage off"
             opts[stage] = None
     for table, cls in (("preprocess", PreprocessConfig), ("refinement", RefineConfig),
-                       ("zero_solutions", ZeroSolutionConfig), ("cleanup", MapCleanupConfig)):
+                       ("zero_solutions", ZeroSolutionConfig), ("cleanup", MapCleanupConfig),
+                       ("grains", GrainConfig)):
         if table in opts:
             try:
                 fields[table] = None if opts[table] is None else cls(**opts[table])
@@ -207,8 +210,7 @@ def _run_index(args: argparse.Namespace) -> int:
                    master_pattern=opts.get("master_pattern"), config=config,
                    progress=not args.quiet)
     write_index_outputs(result, out)
-    grain_map = _write_grains(result.xmap, out, GrainConfig(grid=result.config.zero_solutions.grid)
-                              if result.config.zero_solutions is not None else GrainConfig())
+    grain_map = _write_grains(result.xmap, out, result.config.grains)
     s = result.scores
     indexed = int((result.xmap.phase_id >= 0).sum())
     zs = result.details.get("zero_solutions")

@@ -90,7 +90,7 @@ def run_demo(out: str | Path = "dpm-demo", device: str | None = None, progress: 
     }
     from dpm.grains import grains, write_grain_outputs
 
-    grain_map = grains(result.xmap)
+    grain_map = grains(result.xmap, result.config.grains)
     truth_grains = _truth_grain_count(smap)
     accuracy["grains"] = truth_grains
     write_index_outputs(result, out, extra_summary={"truth": accuracy})

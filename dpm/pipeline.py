@@ -36,6 +36,7 @@ import numpy as np
 
 from dpm import backend
 from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
+from dpm.grains import GrainConfig, Grid, check_grid
 from dpm.preprocess import PreprocessConfig
 from dpm.refine import RefineConfig
 
@@ -92,6 +93,14 @@ class IndexConfig:
         Patterns read and preprocessed per chunk.
     preprocess
         Preprocessing steps.
+    grid
+        The map grid, ``"square"`` or ``"hexagonal"`` (the .ang HexGrid
+        layout of :mod:`dpm.cleanup`); it sets the ``grid`` of the
+        ``zero_solutions``, ``cleanup`` and ``grains`` configs.
+    grains
+        Grain reconstruction and statistics of the indexed map (run by
+        ``dpm index`` and ``dpm demo`` on the result; the step size comes
+        from the map).
     """
 
     kv: float = 20.0
@@ -109,8 +118,15 @@ class IndexConfig:
     memory_budget: int | None = None
     chunk_size: int = 4096
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    grid: Grid = "square"
+    grains: GrainConfig = field(default_factory=GrainConfig)
 
     def __post_init__(self) -> None:
+        check_grid(self.grid)
+        for stage in ("zero_solutions", "cleanup", "grains"):
+            value = getattr(self, stage)
+            if value is not None and value.grid != self.grid:
+                object.__setattr__(self, stage, replace(value, grid=self.grid))
         if not self.kv > 0:
             raise ValueError(f"beam energy must be positive, got {self.kv} kV")
         if not 0 < self.resolution <= 15:

@@ -44,8 +44,9 @@ def test_index_writes_every_output(stack_file, master_file, tmp_path, keep):
                  "--pc", "0.5", "0.3", "0.6", "--resolution", "10", "--no-refine", "--keep", keep,
                  "--out", str(out)])
     assert code == 0
-    for name in ("map.h5", "map.ang", "ipf_z.png", "scores.png", "summary.json", "config.toml",
-                 "grains.csv", "grains.json", "boundaries.png"):
+    for name in ("map.h5", "map.ang", "ipf_x.png", "ipf_y.png", "ipf_z.png", "ipf_key.png",
+                 "scores.png", "summary.json", "config.toml", "grains.csv", "grains.parquet",
+                 "grains.json", "boundaries.png", "kam.png", "grain_widths.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["patterns"] == 20 and summary["refined"] is False

@@ -174,3 +174,12 @@ def test_bad_inputs_give_clear_errors_or_flags(smap, li_master, detector):
                    config=IndexConfig(resolution=10.0))
     assert not result.xmap.prop["readable"][0] and result.xmap.phase_id[0] == -1
     assert result.xmap.prop["readable"][1:].all()
+
+
+def test_map_grid_reaches_every_neighbour_stage():
+    from dpm.pipeline import IndexConfig
+
+    config = IndexConfig(grid="hexagonal")
+    assert config.zero_solutions.grid == config.cleanup.grid == config.grains.grid == "hexagonal"
+    with pytest.raises(ValueError, match="grid must be"):
+        IndexConfig(grid="triangular")
