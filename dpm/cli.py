@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--low-angle", type=float, default=2.0,
                    help="low-angle boundary misorientation in degrees (default 2)")
     g.add_argument("--min-size", type=int, default=1, help="smallest grain counted, pixels")
-    g.add_argument("--grid", choices=("square", "hexagonal"), default="square",
-                   help="map grid (default square)")
+    g.add_argument("--grid", choices=("square", "hexagonal"),
+                   help="map grid (default: the file's; .ctf and .h5 maps are square)")
 
     f = sub.add_parser("info", help="what dpm sees in a pattern or master-pattern file")
     f.add_argument("file")
@@ -232,22 +232,17 @@ def _write_grains(xmap: Any, out: Path, config: Any) -> Any:
 
 
 def _run_grains(args: argparse.Namespace) -> int:
-    from orix import io as orix_io
-
     from dpm.grains import GrainConfig
+    from dpm.io.readers import read_map
     from dpm.io.writers import prepare_output_dir
 
     path = Path(args.map)
-    if not path.is_file():
-        raise UsageError(f"{path} does not exist")
-    try:
-        xmap = orix_io.load(str(path))
-    except Exception as e:  # noqa: BLE001 (any reader failure is bad input)
-        raise UsageError(f"{path}: not an orientation map orix reads ({e})") from None
+    orientation_map = read_map(path)
     out = prepare_output_dir(args.out)
-    grain_map = _write_grains(xmap, out, GrainConfig(
+    grain_map = _write_grains(orientation_map.xmap, out, GrainConfig(
         high_angle=args.high_angle, low_angle=args.low_angle, min_size=args.min_size,
-        interface_direction=args.interface_direction, grid=args.grid))  # step: the map's
+        interface_direction=args.interface_direction,
+        grid=args.grid or orientation_map.grid))  # step: the map's
     s = grain_map.summary
     print(f"{s['n_grains']} grains in {path.name}: mean width {s['mean_width_um']:.2f} um, "
           f"mean ECD {s['mean_ecd_um']:.2f} um, indexing rate {s['indexing_rate']:.3f}; "

@@ -1,18 +1,74 @@
-"""Writers for indexing results: orix CrystalMap HDF5, .ang, PNG maps, JSON and TOML.
+"""Writers for indexing results: orix CrystalMap HDF5, .ang, .ctf, PNG maps, JSON and TOML.
 
 :func:`write_index_outputs` fills an output folder the way ``dpm index``
-promises (DESIGN.md, "Command line"): ``map.h5``, ``map.ang``, ``ipf_z.png``,
-``scores.png``, ``summary.json`` and ``config.toml``.
+promises (DESIGN.md, "Command line"): ``map.h5``, ``map.ang``, ``map.ctf``,
+``ipf_z.png``, ``scores.png``, ``summary.json`` and ``config.toml``.
+
+Orientation-map files
+---------------------
+:func:`write_ang` (EDAX TSL .ang, square or hexagonal grid) and
+:func:`write_ctf` (Oxford Channel Text File, square grid) take a map in dpm's
+layout: one rotation per pixel (the first, i.e. best match, of several),
+row-major map order ``i = row · nx + col``, every row ``nx`` pixels long, the
+hexagonal layout of :mod:`dpm.grains`. orix's readers (``orix.io.load``) and
+:func:`dpm.io.readers.read_map` read both back. Each file column is filled
+from the first property of the map that is present among those listed in
+:data:`ANG_COLUMNS` / :data:`CTF_COLUMNS` (the format's own name first, so a
+map read from such a file is written back unchanged, then dpm's property),
+else from the listed constant. Unindexed pixels (phase id −1) follow the
+formats' conventions, as orix's readers expect them:
+
+- .ang: Euler angles 4π, confidence index −1, pattern fit 180°, phase 0;
+  image quality and detector signal keep their values.
+- .ctf: Euler angles 0, Error 3 ("no solution"; a non-zero error code of the
+  map's ``error`` property is kept), phase 0; the other columns keep their values.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("dpm")
+
+#: .ang data columns after ``phi1 Phi phi2 x y`` and their sources: (column,
+#: ((property, scale), …), value without one). TSL's ten-column order is
+#: ``phi1 Phi phi2 x y IQ CI phase detector_signal fit``.
+ANG_COLUMNS: tuple[tuple[str, tuple[tuple[str, float], ...], float], ...] = (
+    ("IQ", (("iq", 1.0), ("pattern_quality", 1.0)), 0.0),
+    ("CI", (("ci", 1.0), ("scores", 1.0)), 0.0),
+    ("detector_signal", (("detector_signal", 1.0),), 0.0),
+    ("fit", (("fit", 1.0),), 0.0),
+)
+
+#: .ctf columns besides ``Phase X Y Euler1 Euler2 Euler3`` and their sources,
+#: as :data:`ANG_COLUMNS`. dpm detects no bands and fits none (Bands 0,
+#: MAD 0°); BC is dpm's band contrast (0–255); BS is dpm's pattern quality
+#: (Krieger Lassen image quality, 0–1) on the column's 0–255 scale. Bands,
+#: Error, BC and BS are integers (BC and BS rounded and clipped to 0–255).
+CTF_COLUMNS: tuple[tuple[str, tuple[tuple[str, float], ...], float], ...] = (
+    ("Bands", (("bands", 1.0),), 0.0),
+    ("Error", (("error", 1.0),), 0.0),
+    ("MAD", (("MAD", 1.0),), 0.0),
+    ("BC", (("BC", 1.0), ("band_contrast", 1.0)), 0.0),
+    ("BS", (("BS", 1.0), ("pattern_quality", 255.0)), 0.0),
+)
+
+#: TSL .ang ``Symmetry`` code of each Laue group (orix names).
+TSL_SYMMETRY = {"-1": "1", "2/m": "2", "mmm": "22", "4/m": "4", "4/mmm": "42", "-3": "3",
+                "-3m": "32", "6/m": "6", "6/mmm": "62", "m-3": "23", "m-3m": "43"}
+
+#: Channel 5 .ctf Laue group number of each Laue group (orix names).
+CTF_LAUE = {"-1": 1, "2/m": 2, "mmm": 3, "4/m": 4, "4/mmm": 5, "-3": 6, "-3m": 7, "6/m": 8,
+            "6/mmm": 9, "m-3": 10, "m-3m": 11}
+
+#: Error code of an unindexed .ctf point ("no solution").
+CTF_NO_SOLUTION = 3
 
 
 class OutputError(OSError):
@@ -59,8 +115,257 @@ def to_toml(config: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _file_map(xmap: Any, map_shape: tuple[int, int] | None,
+              step_size: float | None) -> tuple[np.ndarray, np.ndarray, list[Any], tuple[int, int], float]:
+    """What a map file needs of ``xmap``.
+
+    Returns
+    -------
+    quaternions : (n, 4) float64 array
+        One rotation per pixel (the first of several).
+    phase_number : (n,) int64 array
+        File phase numbers: 1 … m for the map's phases in ascending id order,
+        0 for unindexed pixels.
+    phases
+        The m orix phases.
+    map_shape
+        ``(ny, nx)``.
+    step
+        µm.
+    """
+    from dpm.io.readers import map_layout
+
+    n = int(xmap.size)
+    if map_shape is None:
+        try:
+            map_shape, layout_step = map_layout(xmap)
+        except ValueError as e:
+            raise ValueError(f"cannot write the map to a file: {e}; pass map_shape") from None
+    else:
+        map_shape = (int(map_shape[0]), int(map_shape[1]))
+        if map_shape[0] * map_shape[1] != n or min(map_shape) < 1:
+            raise ValueError(f"map_shape {map_shape} does not hold the map's {n} points")
+        layout_step = float(xmap.dx) or float(xmap.dy) or 1.0
+    step = float(step_size) if step_size is not None else layout_step
+    if not step > 0:
+        raise ValueError(f"Expected a positive step size in µm, got {step}")
+    quaternions = np.asarray(xmap.rotations.data, dtype=np.float64).reshape(n, -1, 4)[:, 0]
+    ids = [int(i) for i in xmap.phases.ids if i >= 0]
+    phase_id = np.asarray(xmap.phase_id, dtype=np.int64)
+    phase_number = np.zeros(n, dtype=np.int64)
+    for number, i in enumerate(ids, start=1):
+        phase_number[phase_id == i] = number
+    return quaternions, phase_number, [xmap.phases[i] for i in ids], map_shape, step
+
+
+def _columns(xmap: Any, spec: tuple[tuple[str, tuple[tuple[str, float], ...], float], ...]
+             ) -> dict[str, np.ndarray]:
+    """Each file column of ``spec`` as an (n,) float64 array (first value of 2-D properties)."""
+    n = int(xmap.size)
+    out = {}
+    for column, sources, constant in spec:
+        out[column] = np.full(n, constant, dtype=np.float64)
+        for name, scale in sources:
+            if name in xmap.prop:
+                values = np.asarray(xmap.prop[name], dtype=np.float64).reshape(n, -1)[:, 0]
+                out[column] = values * scale
+                break
+    return out
+
+
+def _lattice(phase: Any) -> tuple[float, float, float, float, float, float]:
+    """a, b, c (Å) and α, β, γ (degrees) of an orix phase's structure."""
+    return tuple(float(v) for v in phase.structure.lattice.abcABG())
+
+
+def _laue_name(phase: Any) -> str:
+    return phase.point_group.laue.name if phase.point_group is not None else "-1"
+
+
+def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
+              map_shape: tuple[int, int] | None = None, step_size: float | None = None) -> Path:
+    """Write an orientation map as an EDAX TSL .ang file, on a square or hexagonal grid.
+
+    Columns (TSL's ten): ``phi1 Phi phi2`` (Bunge Euler angles in radians,
+    orix's sample-to-crystal convention), ``x y`` (µm), ``IQ`` ← property
+    ``iq`` or ``pattern_quality``, ``CI`` ← ``ci`` or ``scores`` (NCC),
+    ``phase`` (1 … m, 0 unindexed), ``detector_signal`` ← ``detector_signal``
+    (else 0), ``fit`` ← ``fit`` (else 0). Unindexed pixels as in the
+    module docstring. The header holds, per phase, ``# Phase``,
+    ``# MaterialName`` and ``# Formula`` (the phase name), ``# Symmetry`` (TSL
+    code of the Laue group, :data:`TSL_SYMMETRY`), ``# LatticeConstants``
+    (Å, degrees, from the phase's structure), then ``# GRID``, ``# XSTEP``,
+    ``# YSTEP`` (µm), ``# NCOLS_ODD``, ``# NCOLS_EVEN`` and ``# NROWS``.
+
+    Hexagonal grid (``# GRID: HexGrid``): TSL's rows 1, 3, … (dpm's rows 0,
+    2, …) hold ``NCOLS_ODD`` points at ``x = i · XSTEP``, the rows between
+    them ``NCOLS_EVEN`` points at ``x = (i + ½) · XSTEP``; ``YSTEP = XSTEP ·
+    √3/2``. That is dpm's layout, so every row is written with its ``nx``
+    pixels (``NCOLS_EVEN = NCOLS_ODD``: the scan of width ``(nx − ½) ·
+    XSTEP``; readers that take the x, y columns, such as orix and MTEX,
+    accept it) and nothing is lost. Only where the last pixel of every
+    shifted row is exactly what a reader pads a short row with (unindexed,
+    IQ and detector signal 0, see :data:`dpm.io.readers.ANG_PADDING`) are
+    those pixels left out, giving TSL's own ``NCOLS_EVEN = NCOLS_ODD − 1``;
+    :func:`dpm.io.readers.read_map` restores them, so a TSL HexGrid file read
+    by dpm is written back with its own layout.
+
+    Parameters
+    ----------
+    xmap
+        orix ``CrystalMap`` in dpm's layout (module docstring).
+    path
+        File to write (overwritten).
+    grid
+        ``"square"`` or ``"hexagonal"``.
+    map_shape
+        ``(ny, nx)``; by default from the map's coordinates, which must then
+        be ``x = col · step``, ``y = row · step`` (as :func:`dpm.index` makes
+        them on either grid).
+    step_size
+        µm between neighbouring pixels along x; by default the map's x step.
+
+    Returns
+    -------
+    path
+
+    Raises
+    ------
+    ValueError
+        If the grid is unknown or the map's shape cannot be told.
+
+    Examples
+    --------
+    >>> write_ang(result.xmap, "map.ang", grid="hexagonal")  # doctest: +SKIP
+    """
+    from orix.quaternion import Rotation
+
+    from dpm.grains import check_grid
+
+    check_grid(grid)
+    path = Path(path)
+    q, number, phases, (ny, nx), step = _file_map(xmap, map_shape, step_size)
+    columns = _columns(xmap, ANG_COLUMNS)
+    unindexed = number == 0
+    euler = Rotation(q).to_euler()
+    euler[unindexed] = 4 * np.pi
+    columns["CI"][unindexed] = -1.0
+    columns["fit"][unindexed] = 180.0
+    row, col = np.divmod(np.arange(ny * nx), nx)
+    keep = np.ones(ny * nx, dtype=bool)
+    if grid == "hexagonal":
+        ystep = step * math.sqrt(3) / 2
+        x = (col + 0.5 * (row % 2)) * step
+        last = (row % 2 == 1) & (col == nx - 1)
+        padding = unindexed & (columns["IQ"] == 0) & (columns["detector_signal"] == 0)
+        if nx > 1 and ny > 1 and padding[last].all():
+            keep = ~last
+        grid_name, n_even = "HexGrid", nx - 1 if not keep.all() else nx
+    else:
+        ystep, x, grid_name, n_even = step, col * step, "SqrGrid", nx
+    header = ["# TEM_PIXperUM          1.000000", "# x-star                0.000000",
+              "# y-star                0.000000", "# z-star                0.000000",
+              "# WorkingDistance       0.000000", "#"]
+    for k, phase in enumerate(phases, start=1):
+        name = phase.name or f"phase{k}"
+        a, b, c, alpha, beta, gamma = _lattice(phase)
+        header += [f"# Phase {k}", f"# MaterialName  \t{name}", f"# Formula     \t{name}",
+                   "# Info\t\t", f"# Symmetry              {TSL_SYMMETRY[_laue_name(phase)]}",
+                   f"# LatticeConstants      {a:.4f} {b:.4f} {c:.4f}  {alpha:.3f}  {beta:.3f}  "
+                   f"{gamma:.3f}",
+                   "# NumberFamilies        0", "#"]
+    header += [f"# GRID: {grid_name}", f"# XSTEP: {step:.6f}", f"# YSTEP: {ystep:.6f}",
+               f"# NCOLS_ODD: {nx}", f"# NCOLS_EVEN: {n_even}", f"# NROWS: {ny}", "#",
+               "# OPERATOR: \tdpm", "#", "# SAMPLEID: \t", "#", "# SCANID: \t", "#"]
+    data = np.column_stack([euler, x, row * ystep, columns["IQ"], columns["CI"], number,
+                            columns["detector_signal"], columns["fit"]])[keep]
+    with open(path, "w", encoding="latin-1") as f:
+        f.write("\n".join(header) + "\n")
+        np.savetxt(f, data, fmt="%9.6f %9.6f %9.6f %12.5f %12.5f %12.5f %9.5f %2d %9.5f %9.5f")
+    return path
+
+
+def write_ctf(xmap: Any, path: str | Path, *, map_shape: tuple[int, int] | None = None,
+              step_size: float | None = None) -> Path:
+    """Write an orientation map on a square grid as an Oxford Channel Text File (.ctf).
+
+    Columns: ``Phase`` (1 … m, 0 unindexed), ``X Y`` (µm), ``Bands`` ←
+    property ``bands`` (else 0), ``Error`` ← ``error`` (else 0; 3 where
+    unindexed), ``Euler1 Euler2 Euler3`` (Bunge, degrees, orix's
+    sample-to-crystal convention; 0 where unindexed), ``MAD`` ← ``MAD``
+    (else 0), ``BC`` ← ``BC`` or ``band_contrast`` (0–255), ``BS`` ← ``BS``
+    or 255 × ``pattern_quality`` (:data:`CTF_COLUMNS`). The header holds
+    ``XCells``, ``YCells``, ``XStep``, ``YStep`` (µm) and, per phase, the
+    line ``a;b;c  α;β;γ  name  Laue group  space group`` (Å, degrees,
+    Channel 5's Laue group number :data:`CTF_LAUE`, space group 0 when the
+    phase has none). The .ctf format has no hexagonal grid; write hexagonal
+    maps with :func:`write_ang`.
+
+    Parameters
+    ----------
+    xmap
+        orix ``CrystalMap`` in dpm's layout (module docstring).
+    path
+        File to write (overwritten).
+    map_shape
+        ``(ny, nx)``; by default from the map's coordinates.
+    step_size
+        µm; by default the map's x step.
+
+    Returns
+    -------
+    path
+
+    Raises
+    ------
+    ValueError
+        If the map's shape cannot be told.
+
+    Examples
+    --------
+    >>> write_ctf(result.xmap, "map.ctf")  # doctest: +SKIP
+    """
+    from orix.quaternion import Rotation
+
+    path = Path(path)
+    q, number, phases, (ny, nx), step = _file_map(xmap, map_shape, step_size)
+    columns = _columns(xmap, CTF_COLUMNS)
+    unindexed = number == 0
+    euler = np.degrees(Rotation(q).to_euler())
+    euler[unindexed] = 0.0
+    error = columns["Error"]
+    error[unindexed & (error == 0)] = CTF_NO_SOLUTION
+    for name in ("BC", "BS"):
+        columns[name] = np.clip(np.rint(columns[name]), 0, 255)
+    header = ["Channel Text File", f"Prj\t{path.stem}", "Author\tdpm", "JobMode\tGrid",
+              f"XCells\t{nx}", f"YCells\t{ny}", f"XStep\t{step:.6f}", f"YStep\t{step:.6f}",
+              "AcqE1\t0.0000", "AcqE2\t0.0000", "AcqE3\t0.0000",
+              "Euler angles refer to Sample Coordinate system (CS0)!\tMag\t0\tCoverage\t0\t"
+              "Device\t0\tKV\t0\tTiltAngle\t0\tTiltAxis\t0",
+              f"Phases\t{len(phases)}"]
+    for phase in phases:
+        a, b, c, alpha, beta, gamma = _lattice(phase)
+        space_group = phase.space_group.number if phase.space_group is not None else 0
+        header.append(f"{a:.4f};{b:.4f};{c:.4f}\t{alpha:.3f};{beta:.3f};{gamma:.3f}\t"
+                      f"{phase.name or 'phase'}\t{CTF_LAUE[_laue_name(phase)]}\t{space_group}\t\t\t"
+                      "Created by dpm")
+    header.append("Phase\tX\tY\tBands\tError\tEuler1\tEuler2\tEuler3\tMAD\tBC\tBS")
+    row, col = np.divmod(np.arange(ny * nx), nx)
+    data = np.column_stack([number, col * step, row * step, columns["Bands"], error, euler,
+                            columns["MAD"], columns["BC"], columns["BS"]])
+    with open(path, "w", encoding="latin-1") as f:
+        f.write("\n".join(header) + "\n")
+        np.savetxt(f, data, fmt="%d\t%.4f\t%.4f\t%d\t%d\t%.4f\t%.4f\t%.4f\t%.4f\t%d\t%d")
+    return path
+
+
 def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] | None = None) -> list[Path]:
     """Write the files of an indexing run into ``out``.
+
+    ``map.h5`` (orix, every property), ``map.ang`` (:func:`write_ang`, on the
+    run's grid ``result.config.grid``), and on square grids ``map.ctf``
+    (:func:`write_ctf`), then the PNG maps,
+    ``summary.json`` and ``config.toml``.
 
     Parameters
     ----------
@@ -82,10 +387,15 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
 
     out = prepare_output_dir(out)
     xmap = result.xmap
+    grid = result.config.grid
     paths = [out / "map.h5", out / "map.ang", out / "ipf_z.png", out / "scores.png",
              out / "summary.json", out / "config.toml"]
     orix_io.save(str(paths[0]), xmap, overwrite=True)
-    orix_io.save(str(paths[1]), xmap, confidence_index_prop="scores", overwrite=True)
+    write_ang(xmap, paths[1], grid=grid, map_shape=result.scores.shape)
+    if grid == "square":
+        paths.append(write_ctf(xmap, out / "map.ctf", map_shape=result.scores.shape))
+    else:
+        log.info("no map.ctf: the .ctf format has no hexagonal grid (map.ang has it)")
     save_rgb(paths[2], ipf_colors(xmap, "z"))
     save_scalar(paths[3], result.scores, cmap="gray", vmin=0.0)
     if result.band_contrast is not None:
