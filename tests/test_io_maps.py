@@ -280,6 +280,12 @@ class TestReadMap:
         with pytest.raises(MapFileError, match=r"m\.ang: header has no NROWS"):
             read_map(path)
 
+    def test_header_with_another_grid(self, tmp_path):
+        path = write_ang(_map(), tmp_path / "m.ang")
+        path.write_text(path.read_text().replace("# GRID: SqrGrid", "# GRID: TriGrid"))
+        with pytest.raises(MapFileError, match=r"m\.ang: header GRID 'TriGrid' is neither"):
+            read_map(path)
+
     def test_sqrgrid_with_rows_of_two_lengths(self, tmp_path):
         path = write_ang(_map(), tmp_path / "m.ang")
         path.write_text(path.read_text().replace("# NCOLS_EVEN: 5", "# NCOLS_EVEN: 4"))

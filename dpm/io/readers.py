@@ -255,8 +255,8 @@ def read_map(path: str | Path) -> OrientationMapFile:
         - ``.ang`` (EDAX TSL, EMsoft, orix, dpm): ``# GRID: SqrGrid`` or
           ``HexGrid``; the grid, ``XSTEP``, ``NCOLS_ODD``, ``NCOLS_EVEN`` and
           ``NROWS`` come from the header. Properties keep orix's column names
-          (``iq``, ``ci``, ``detector_signal``, ``fit``, …); points with
-          confidence index −1 are unindexed. A HexGrid row shorter than the
+          (``iq``, ``ci``, ``detector_signal``, ``fit``, …); in TSL, orix and
+          dpm files points with confidence index −1 are unindexed (orix's rule). A HexGrid row shorter than the
           longest (TSL's ``NCOLS_EVEN = NCOLS_ODD − 1``) is padded at its end
           (+x) with unindexed pixels holding :data:`ANG_PADDING`. The
           ``Symmetry`` code of a phase is a Laue class, so the phase's point
@@ -421,8 +421,10 @@ def _ang_header(path: Path) -> dict[str, str]:
 
 def _read_ang(path: Path) -> OrientationMapFile:
     header = _ang_header(path)
-    grid_name = header.get("GRID", "")
-    grids = {"sqrgrid": "square", "hexgrid": "hexagonal"}
+    if "GRID" not in header:
+        raise MapFileError(f"{path}: header has no GRID")
+    grid_name = header["GRID"]
+    grids = {"sqrgrid": "square", "squaregrid": "square", "hexgrid": "hexagonal"}
     if grid_name.lower() not in grids:
         raise MapFileError(f"{path}: header GRID {grid_name!r} is neither SqrGrid nor HexGrid")
     grid = grids[grid_name.lower()]

@@ -241,6 +241,7 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
     from orix.quaternion import Rotation
 
     from dpm.grains import check_grid
+    from dpm.io.readers import ANG_PADDING
 
     check_grid(grid)
     path = Path(path)
@@ -249,8 +250,8 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
     unindexed = number == 0
     euler = Rotation(q).to_euler()
     euler[unindexed] = 4 * np.pi
-    columns["CI"][unindexed] = -1.0
-    columns["fit"][unindexed] = 180.0
+    columns["CI"][unindexed] = ANG_PADDING["ci"]
+    columns["fit"][unindexed] = ANG_PADDING["fit"]
     row, col = np.divmod(np.arange(ny * nx), nx)
     keep = np.ones(ny * nx, dtype=bool)
     if grid == "hexagonal":
