@@ -308,9 +308,13 @@ def _candidates(q: np.ndarray, labels: np.ndarray, mean: np.ndarray, grain_pairs
     """Untested (pixel, alternative) pairs: each grain's pixels against each pseudo-symmetric
     neighbour grain, the alternative closest to that grain's mean.
 
+    Neighbour grains near one alternative of a grain's mean give its pixels one
+    candidate, so only the first of them is kept: at most ``k`` targets per grain,
+    at most ``k · n`` pixel rows however many twins a grain borders.
+
     Returns ``pixels`` (m,) sorted and ``which`` (m, k) bool, the alternatives to try.
     """
-    n_grains = len(mean)
+    n_grains, k = len(mean), len(variants)
     order = np.argsort(labels, kind="stable")
     order = order[labels[order] >= 0]
     sizes = np.bincount(labels[order], minlength=n_grains)
@@ -318,6 +322,9 @@ def _candidates(q: np.ndarray, labels: np.ndarray, mean: np.ndarray, grain_pairs
     # Both directions of every grain pair: (grain tested, grain whose mean is the target).
     own = np.concatenate([grain_pairs[:, 0], grain_pairs[:, 1]])
     other = np.concatenate([grain_pairs[:, 1], grain_pairs[:, 0]])
+    near, _ = _nearest_alternative(mean[own], mean[other], variants, point_group)
+    _, keep = np.unique(own * k + near, return_index=True)
+    own, other = own[keep], other[keep]
     counts = sizes[own]
     offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
     pix = order[np.repeat(first[own], counts) + offsets]
@@ -452,9 +459,10 @@ def clean_pseudo_symmetry(
     rows_bytes = 2 * int(patterns.shape[1]) * 4     # a pixel's row, copied twice (float32)
     batch = max(1, (budget // 2) // rows_bytes)
     refine_config = replace(refine_config, memory_budget=max(1, budget // 2))
+    # Grains here only locate boundaries: ASTM E2627's grain-size requirement is irrelevant.
     grain_config = GrainConfig(high_angle=config.high_angle,
                                low_angle=min(GrainConfig.low_angle, config.high_angle),
-                               grid=config.grid)
+                               grid=config.grid, astm_min_mean_pixels=1)
 
     q_out, s_out = q.copy(), s.copy()
     changed = np.zeros(n, dtype=bool)

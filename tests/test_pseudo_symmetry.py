@@ -211,6 +211,38 @@ class TestCleanPseudoSymmetry:
         assert result.n_boundary_pairs == result.n_boundary_pairs_after == MAP_SHAPE[0]
         assert (result.n_tested, result.n_changed, result.passes) == (twin.right.size, 0, 1)
 
+    def test_islands_merge_beside_a_twin(self, setting):
+        # Grain A holds two 3 x 3 islands mis-indexed at two different alternatives of A
+        # (patterns of A) and borders a real twin (patterns at a third alternative): the
+        # matrix pixels try three candidates at once; the islands' pixels, once changed,
+        # meet the twin in a second pass and keep A.
+        master, det, rmaster, a, _, _, prepare_patterns = setting
+        from dpm.synthetic import camera_patterns
+
+        alt = alternatives(a, pseudo_symmetry_variants(pseudo_symmetry_operator(Oh), Oh))[0]
+        shape = (10, 16)
+        row, col = np.divmod(np.arange(shape[0] * shape[1]), shape[1])
+        twin = col >= 12
+        islands = [(abs(row - 4) <= 1) & (abs(col - 4) <= 1),
+                   (abs(row - 6) <= 1) & (abs(col - 9) <= 1)]
+        clean = camera_patterns(master, det, np.vstack([a, alt[0]]))
+        rng = np.random.default_rng(0)
+        noisy = clean[twin.astype(int)] + rng.normal(
+            scale=NOISE * clean.std(), size=(twin.size, *det.shape)).astype(np.float32)
+        rows = prepare_patterns(noisy).data
+        truth = np.where(twin[:, None], alt[0], a)
+        start = truth.copy()
+        start[islands[0]], start[islands[1]] = alt[1], alt[2]
+        refined = refine(rows, rmaster, det, start)
+        result = clean_pseudo_symmetry(rows, refined.quaternions, refined.scores,
+                                       np.ones(twin.size, dtype=bool), shape, rmaster, det)
+        assert np.array_equal(result.changed, islands[0] | islands[1])
+        error = Orientation(result.quaternions, symmetry=Oh).angle_with(
+            Orientation(truth, symmetry=Oh), degrees=True)
+        assert error.max() < 1.0
+        assert result.passes == 2 and result.n_tested == twin.size
+        assert result.n_boundary_pairs_after == shape[0]        # the twin boundary alone
+
     def test_margin(self, misindex):
         # the patterns favour A by about 0.3 NCC: a larger margin keeps the mis-index
         result = misindex.run(margin=0.5)
