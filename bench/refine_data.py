@@ -116,7 +116,7 @@ def build_refine_data(map_shape: tuple[int, int] = MAP_SHAPE, seed: int = SEED) 
     t_synthetic = time.perf_counter() - t
     t = time.perf_counter()
     result = index(smap.patterns, detector=detector, master_pattern=master,
-                   config=IndexConfig(kv=KV, device="cpu", refine=False, zero_solutions=None, cleanup=None))
+                   config=IndexConfig(kv=KV, device="cpu", refine=False))
     t_index = time.perf_counter() - t
     n = smap.quaternions.shape[0]
     topk = result.xmap.rotations.data.reshape(n, -1, 4).copy()

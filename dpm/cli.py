@@ -29,7 +29,7 @@ _TABLE_OPTIONS = {
     "band_contrast_threshold": ("zero_solutions", "band_contrast_threshold"),
     "interface_direction": ("grains", "interface_direction"),
 }
-_TABLES = ("preprocess", "refinement", "zero_solutions", "cleanup", "grains")
+_TABLES = ("preprocess", "refinement", "zero_solutions", "cleanup", "pseudo_symmetry", "grains")
 
 
 class UsageError(ValueError):
@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                    default=None, help="keep zero solutions as matched (no neighbour replacement)")
     i.add_argument("--no-cleanup", dest="cleanup", action="store_false", default=None,
                    help="no wild-spike removal or neighbour fill after the zero solutions")
+    i.add_argument("--no-pseudo-symmetry", dest="pseudo_symmetry", action="store_false",
+                   default=None, help="no re-matching of grains in the 60° <111> relation")
     i.add_argument("--zero-solution-threshold", type=float, metavar="NCC",
                    help="NCC below which a pixel is a zero solution (default: from the map)")
     i.add_argument("--band-contrast-threshold", type=float, metavar="BC",
@@ -163,6 +165,8 @@ def _index_options(args: argparse.Namespace) -> dict[str, Any]:
         options["zero_solutions"] = None
     if args.cleanup is False:
         options["cleanup"] = None
+    if args.pseudo_symmetry is False:
+        options["pseudo_symmetry"] = None
     return options
 
 
@@ -175,8 +179,9 @@ def _run_index(args: argparse.Namespace) -> int:
     from dpm.io.writers import prepare_output_dir, write_index_outputs
     from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
     from dpm.grains import GrainConfig
-    from dpm.pipeline import IndexConfig, index
+    from dpm.pipeline import NEEDS_REFINE, IndexConfig, index
     from dpm.preprocess import PreprocessConfig
+    from dpm.pseudo_symmetry import PseudoSymmetryConfig
     from dpm.refine import RefineConfig
 
     opts = _index_options(args)
@@ -191,20 +196,17 @@ def _run_index(args: argparse.Namespace) -> int:
     fields = {k: opts[k] for k in _config_fields() - set(_TABLES) if k in opts}
     if opts.get("memory_budget") is not None:
         fields["memory_budget"] = backend.parse_bytes(opts["memory_budget"])
-    for stage in ("zero_solutions", "cleanup"):
+    for stage in NEEDS_REFINE:
         if opts.get(stage) is False:  # config.toml's spelling of "stage off"
             opts[stage] = None
     for table, cls in (("preprocess", PreprocessConfig), ("refinement", RefineConfig),
                        ("zero_solutions", ZeroSolutionConfig), ("cleanup", MapCleanupConfig),
-                       ("grains", GrainConfig)):
+                       ("pseudo_symmetry", PseudoSymmetryConfig), ("grains", GrainConfig)):
         if table in opts:
             try:
                 fields[table] = None if opts[table] is None else cls(**opts[table])
             except TypeError as e:
                 raise UsageError(f"[{table}] options: {e}") from None
-    if fields.get("refine") is False:
-        for stage in ("zero_solutions", "cleanup"):
-            fields.setdefault(stage, None)
     config = IndexConfig(**fields)
     result = index(stack, phase=opts["phase"], detector=det,
                    master_pattern=opts.get("master_pattern"), config=config,

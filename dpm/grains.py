@@ -120,7 +120,7 @@ class GrainConfig:
     astm_min_mean_pixels
         ASTM E2627: the mean grain (edge grains excluded, before the size
         cut) must have at least this many pixels for the measurement to be
-        valid; a warning is logged otherwise.
+        valid; :func:`grains` logs a warning otherwise.
     """
 
     high_angle: float = 10.0
@@ -445,7 +445,7 @@ def astm_e2627(table: dict[str, np.ndarray], config: GrainConfig = GrainConfig()
 
     Grains touching the map edge are excluded; the mean number of pixels of
     the remaining grains must reach ``config.astm_min_mean_pixels`` (500) for
-    the measurement to be valid (a warning is logged otherwise); grains of
+    the measurement to be valid (``astm_e2627_valid``); grains of
     fewer than ``config.astm_min_pixels`` (100) pixels are then excluded, and
     the number-weighted mean area Ā of the rest gives the grain size number
     (:func:`astm_grain_size_number`). Columnar films whose grains all span the
@@ -475,10 +475,6 @@ def astm_e2627(table: dict[str, np.ndarray], config: GrainConfig = GrainConfig()
     big = pixels >= config.astm_min_pixels
     mean_area = float(area[big].mean()) if big.any() else float("nan")
     valid = bool(len(pixels) and mean_before >= config.astm_min_mean_pixels)
-    if not valid:
-        log.warning("ASTM E2627: the mean interior grain has %.0f pixels (fewer than %d, or no "
-                    "interior grain); the step size is too coarse for the procedure",
-                    mean_before if len(pixels) else 0.0, config.astm_min_mean_pixels)
     return {
         "astm_e2627_grains": int(big.sum()),
         "astm_e2627_excluded_edge": int((~inside).sum()),
@@ -790,6 +786,11 @@ def grains(xmap: Any, config: GrainConfig | None = None) -> GrainMap:
     for flag in CLEANUP_FLAGS:
         if flag in xmap.prop:
             grain_map.summary[f"{flag}_pixels"] = int(np.count_nonzero(xmap.prop[flag]))
+    s = grain_map.summary
+    if not s["astm_e2627_valid"]:
+        log.warning("ASTM E2627 does not apply to this map: the mean interior grain has %.0f "
+                    "pixels (at least %d needed; NaN: every grain touches the map edge)",
+                    s["astm_e2627_mean_pixels_before_cut"], config.astm_min_mean_pixels)
     return grain_map
 
 

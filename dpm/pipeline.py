@@ -17,7 +17,9 @@
    pattern from its best matches (:mod:`dpm.refine`);
 7. find zero solutions and replace those that diffract (band contrast above
    the threshold) from their neighbours, then remove wild spikes and fill zero
-   solutions from 6, then 5 agreeing neighbours (:mod:`dpm.cleanup`);
+   solutions from 6, then 5 agreeing neighbours (:mod:`dpm.cleanup`), then
+   re-match grains in the 60° <111> pseudo-symmetry relation against both
+   candidates (:mod:`dpm.pseudo_symmetry`);
 8. return the map with every per-pixel property, timings and stage records.
 
 The CLI (:mod:`dpm.cli`) is a thin shell over this module.
@@ -38,9 +40,13 @@ from dpm import backend
 from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
 from dpm.grains import GrainConfig, Grid, check_grid
 from dpm.preprocess import PreprocessConfig
+from dpm.pseudo_symmetry import PseudoSymmetryConfig
 from dpm.refine import RefineConfig
 
 log = logging.getLogger("dpm")
+
+#: Stages of :class:`IndexConfig` that work on refined orientations (None = off).
+NEEDS_REFINE = ("zero_solutions", "cleanup", "pseudo_symmetry")
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,9 @@ class IndexConfig:
         across their cell.
     refine
         Refine orientations after matching (:mod:`dpm.refine`), starting from
-        the best ``keep`` matches, with the sharp master pattern.
+        the best ``keep`` matches, with the sharp master pattern. False also
+        turns off the stages that need refined orientations
+        (:data:`NEEDS_REFINE`: zero solutions, cleanup, pseudo-symmetry).
     refinement
         Refinement options (pattern-centre mode, starts, trust region, tolerances).
     zero_solutions
@@ -81,6 +89,13 @@ class IndexConfig:
         wild spikes, then zero-solution fill from 6, then 5 agreeing neighbours;
         pixels with band contrast at or below the zero-solution threshold, pores,
         are never filled); None skips it. Needs ``refine``.
+    pseudo_symmetry
+        Pseudo-symmetry cleanup after the map cleanup
+        (:func:`dpm.pseudo_symmetry.clean_pseudo_symmetry`: grains in the
+        60° <111> relation re-matched against both candidates, a pixel
+        changed only where its pattern prefers the other); None skips it.
+        With the default axis (None, <111>) it runs on m-3m phases only and
+        is skipped, with a log message, for others. Needs ``refine``.
     mask
         Signal mask when the call gives none: ``"none"``, ``"circular"``,
         ``"shadow"`` (estimated from the static background) or an image path
@@ -113,6 +128,7 @@ class IndexConfig:
     refinement: RefineConfig = field(default_factory=RefineConfig)
     zero_solutions: ZeroSolutionConfig | None = field(default_factory=ZeroSolutionConfig)
     cleanup: MapCleanupConfig | None = field(default_factory=MapCleanupConfig)
+    pseudo_symmetry: PseudoSymmetryConfig | None = field(default_factory=PseudoSymmetryConfig)
     mask: str = "none"
     device: str = "auto"
     memory_budget: int | None = None
@@ -123,7 +139,7 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         check_grid(self.grid)
-        for stage in ("zero_solutions", "cleanup", "grains"):
+        for stage in ("zero_solutions", "cleanup", "pseudo_symmetry", "grains"):
             value = getattr(self, stage)
             if value is not None and value.grid != self.grid:
                 object.__setattr__(self, stage, replace(value, grid=self.grid))
@@ -135,15 +151,15 @@ class IndexConfig:
             raise ValueError(f"keep must be at least 1, got {self.keep}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
-        if (self.zero_solutions is not None or self.cleanup is not None) and not self.refine:
-            raise ValueError("zero-solution replacement and map cleanup need refinement: set "
-                             "zero_solutions=None and cleanup=None with refine=False")
+        if not self.refine:   # the stages that work on refined orientations are off
+            for stage in NEEDS_REFINE:
+                object.__setattr__(self, stage, None)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for ``config.toml`` and ``summary.json``); a stage that is
         off (``zero_solutions=None``) is written as ``False``, which TOML can hold."""
         out = dataclasses.asdict(self)
-        for stage in ("zero_solutions", "cleanup"):
+        for stage in NEEDS_REFINE:
             if getattr(self, stage) is None:
                 out[stage] = False
         return out
@@ -464,6 +480,7 @@ def index(
     from dpm.match import MatchConfig, match
     from dpm.preprocess import bin_mask, binned_detector
     from dpm.projection import integrate_pixels
+    from dpm.pseudo_symmetry import clean_pseudo_symmetry
     from dpm.refine import refine, refinement_master
     from dpm.sampling import sample_orientations
 
@@ -576,6 +593,21 @@ def index(
             quaternions, indexed = cleaned.quaternions, cleaned.indexed
             props.update(despiked=cleaned.despiked, filled=cleaned.filled)
             details["cleanup"] = cleaned.changed
+        ps = config.pseudo_symmetry
+        if ps is not None and ps.axis is None and master.phase.point_group.laue.name != "m-3m":
+            log.info("pseudo-symmetry cleanup skipped: the default 60° <111> operator is defined "
+                     "for Laue group m-3m, %s is %s", master.phase.name,
+                     master.phase.point_group.laue.name)
+        elif ps is not None:
+            t = time.perf_counter()
+            pseudo = clean_pseudo_symmetry(
+                rows, quaternions, scores, indexed, (ny, nx), rmaster,
+                replace(det_used, pc=tuple(refined.pcs.mean(axis=0))), mask=mask_used, config=ps,
+                refine_config=replace(config.refinement, pattern_centre="fixed"))
+            timings["pseudo_symmetry"] = time.perf_counter() - t
+            quaternions, scores = pseudo.quaternions, pseudo.scores
+            props["pseudo_symmetry"] = pseudo.changed
+            details["pseudo_symmetry"] = pseudo.summary()
         props.update(scores=scores.astype(np.float32), replaced=replaced,
                      dictionary_score=dict_scores[:, 0], simulation_index=indices[:, 0])
         rotation_data = quaternions

@@ -459,10 +459,9 @@ def clean_pseudo_symmetry(
     rows_bytes = 2 * int(patterns.shape[1]) * 4     # a pixel's row, copied twice (float32)
     batch = max(1, (budget // 2) // rows_bytes)
     refine_config = replace(refine_config, memory_budget=max(1, budget // 2))
-    # Grains here only locate boundaries: ASTM E2627's grain-size requirement is irrelevant.
     grain_config = GrainConfig(high_angle=config.high_angle,
                                low_angle=min(GrainConfig.low_angle, config.high_angle),
-                               grid=config.grid, astm_min_mean_pixels=1)
+                               grid=config.grid)
 
     q_out, s_out = q.copy(), s.copy()
     changed = np.zeros(n, dtype=bool)

@@ -344,11 +344,22 @@ class TestASTME2627:
         assert s["astm_e2627_G"] == pytest.approx(astm_grain_size_number(mean_area))
 
     def test_too_coarse_a_step_is_flagged(self, caplog):
+        from orix.crystal_map import CrystalMap, PhaseList
+        from orix.quaternion import Rotation
+
+        from dpm.crystal import get_phase
+        from dpm.grains import grains
+
         ids = (np.arange(40)[:, None] // 10) * 4 + np.arange(40)[None, :] // 10   # 100 px grains
         q = random_quaternions(16, np.random.default_rng(4))[ids.ravel()]
+        gm = reconstruct_grains(q, np.ones(ids.size, bool), ids.shape, Oh)
+        assert not gm.summary["astm_e2627_valid"]
+        assert gm.summary["astm_e2627_mean_pixels_before_cut"] == 100.0
+        y, x = np.divmod(np.arange(ids.size), 40)
+        xmap = CrystalMap(Rotation(q), x=x * 1.0, y=y * 1.0, phase_list=PhaseList(get_phase("li")))
         with caplog.at_level("WARNING", logger="dpm"):
-            gm = reconstruct_grains(q, np.ones(ids.size, bool), ids.shape, Oh)
-        assert not gm.summary["astm_e2627_valid"] and "ASTM E2627" in caplog.text
+            grains(xmap)
+        assert "ASTM E2627 does not apply" in caplog.text
 
 
 def test_grain_table_parquet_equals_csv(columnar, tmp_path):

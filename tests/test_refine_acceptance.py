@@ -39,7 +39,7 @@ def li_map(li):
 def li_indexed(li, li_map):
     """Dictionary matches only: the starts of every refinement below."""
     return index(li_map.patterns, detector=DETECTOR, master_pattern=li,
-                 config=IndexConfig(refine=False, zero_solutions=None, cleanup=None))
+                 config=IndexConfig(refine=False))
 
 
 def _stats(quaternions, smap, master):
@@ -52,7 +52,7 @@ def test_refinement_meets_the_bound_on_numpy(li, li_map, li_indexed):
     n = li_map.quaternions.shape[0]
     start = li_indexed.xmap.rotations.data.reshape(n, -1, 4)
     result = index(li_map.patterns, detector=DETECTOR, master_pattern=li,
-                   config=IndexConfig(zero_solutions=None, cleanup=None))
+                   config=IndexConfig(zero_solutions=None, cleanup=None, pseudo_symmetry=None))
     mean, p95 = _stats(result.xmap.rotations.data, li_map, li)
     start_mean, start_p95 = _stats(start[:, 0], li_map, li)
     print(f"Li 40x40 map, 60x60 px: dictionary mean {start_mean:.3f}° p95 {start_p95:.3f}°; "
@@ -76,7 +76,7 @@ def test_shared_pattern_centre_recovered_from_a_perturbed_one(li, li_map):
     wrong = replace(DETECTOR, pc=tuple(np.asarray(DETECTOR.pc) + 0.01))
     result = index(li_map.patterns, detector=wrong, master_pattern=li,
                    config=IndexConfig(refinement=RefineConfig(pattern_centre="shared"),
-                                      zero_solutions=None, cleanup=None))
+                                      zero_solutions=None, cleanup=None, pseudo_symmetry=None))
     pc = np.asarray(result.details["pattern_centre"])
     mean, p95 = _stats(result.xmap.rotations.data, li_map, li)
     print(f"PC perturbed by +0.01: fitted {pc} (truth {DETECTOR.pc}); refined mean {mean:.3f}° "
@@ -92,7 +92,7 @@ def test_zero_solutions_replaced_where_the_band_contrast_says_the_pixel_diffract
                              weak_fraction=0.05, weak_contrast=0.08, weak_distortion=0.3)
     smap = synthetic_map(li, DETECTOR, config)
     alone = index(smap.patterns, detector=DETECTOR, master_pattern=li,
-                  config=IndexConfig(zero_solutions=None, cleanup=None))
+                  config=IndexConfig(zero_solutions=None, cleanup=None, pseudo_symmetry=None))
     result = index(smap.patterns, detector=DETECTOR, master_pattern=li)
     weak, pores = smap.weak.ravel(), ~smap.diffracting.ravel()
     bc = result.band_contrast.ravel()
@@ -135,7 +135,7 @@ def test_sodium_shadow_mask_and_gaussian_filter():
                             (1.0, "shadow")]:
             pre = PreprocessConfig(operation=operation, gaussian_sigma=sigma)
             result = index(smap.patterns, detector=DETECTOR, master_pattern=na,
-                           config=IndexConfig(refine=False, zero_solutions=None, cleanup=None, preprocess=pre,
+                           config=IndexConfig(refine=False, preprocess=pre,
                                               mask=mask))
             angles = disorientation(result.xmap.rotations.data.reshape(diff.size, -1, 4)[:, 0],
                                     smap.quaternions, na.phase.point_group)
