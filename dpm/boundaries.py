@@ -63,6 +63,17 @@ down the image, for ``"x"``; +x for ``"y"``), as ``long_axis_deg`` of
 is perpendicular to the interface, and the angle to the interface
 ``min(θ, 180 - θ)`` lies in [0, 90].
 
+Accuracy
+--------
+A straight boundary L steps long drawn on the grid reads within 0.5° of its
+true angle for L >= 60 when it lies at least 1.5° from a grid axis (tests:
+worst 0.37° square, 0.09° hexagonal). Nearer a grid axis the grid itself
+limits it: a line that drifts by less than a pixel across its length is
+drawn as a straight pixel edge or with a single jog, and since the staircase
+stays within half a step of the line the fitted slope can be off by up to
+about ``1.5 / L`` radians (1.4° at 60 px, 0.4° at 200 px), whatever the
+estimator.
+
 Lengths are those of the smoothed polylines, in µm. Short chains keep grid
 directions after any smoothing (MTEX's *Grain Smoothing* notes the same
 0°/90° spikes in length-weighted histograms), so map-level statistics are
@@ -259,7 +270,7 @@ def boundary_segments(grain_map: GrainMap, *, kind: Kind = "hagb") -> BoundarySe
     >>> from orix.quaternion.symmetry import Oh
     >>> from dpm.grains import reconstruct_grains
     >>> q = np.array([[1.0, 0, 0, 0], [np.cos(np.pi / 8), 0, 0, np.sin(np.pi / 8)]])
-    >>> q = q[[0, 0, 1, 0, 0, 1]]   # two columns of grain 0, one of grain 1
+    >>> q = q[[0, 0, 1, 0, 0, 1]]   # 2 x 3 map: two columns of grain 0, one of grain 1
     >>> seg = boundary_segments(reconstruct_grains(q, np.ones(6, bool), (2, 3), Oh))
     >>> seg.coordinates.tolist()
     [[[1.5, -0.5], [1.5, 0.5]], [[1.5, 0.5], [1.5, 1.5]]]
@@ -317,7 +328,8 @@ def boundary_traces(grain_map: GrainMap, *, config: BoundaryConfig = BoundaryCon
     --------
     >>> from orix.quaternion.symmetry import Oh
     >>> from dpm.grains import reconstruct_grains
-    >>> q = np.array([[1.0, 0, 0, 0], [np.cos(np.pi / 8), 0, 0, np.sin(np.pi / 8)]])[np.repeat([[0, 0, 1, 1]], 8, axis=0).ravel()]
+    >>> q = np.array([[1.0, 0, 0, 0], [np.cos(np.pi / 8), 0, 0, np.sin(np.pi / 8)]])
+    >>> q = q[np.tile([0, 0, 1, 1], 8)]   # 8 x 4 map: grain 0 left, grain 1 right
     >>> tr = boundary_traces(reconstruct_grains(q, np.ones(32, bool), (8, 4), Oh))
     >>> tr.trace_angle_deg.tolist(), tr.length_um.tolist(), bool(tr.perpendicular[0])
     ([90.0], [8.0], True)
@@ -354,23 +366,25 @@ def boundary_traces(grain_map: GrainMap, *, config: BoundaryConfig = BoundaryCon
     points = _smooth(seg.points, ends, s1, s2, hinge, config.iterations, config.rate)
 
     # Trace: major axis of the length-weighted second moments of each chain's
-    # polyline, coordinates along (u) and across (v) the interface, taken
-    # relative to the chain's first vertex.
-    cols = [0, 1] if grain_map.config.interface_direction == "x" else [1, 0]
+    # polyline, in coordinates along (u) and across (v) the interface taken
+    # relative to the chain's first vertex; each segment p -> q integrated
+    # exactly: ∫ u = ℓ (p + q)/2, ∫ u v = ℓ (2 pu pv + 2 qu qv + pu qv + qu pv)/6.
+    axes = [0, 1] if grain_map.config.interface_direction == "x" else [1, 0]
     ref = points[ends[heads, 0]][chain]
-    p, q = points[ends[:, 0]][:, cols] - ref[:, cols], points[ends[:, 1]][:, cols] - ref[:, cols]
-    ell = np.hypot(*(q - p).T)
+    pu, pv = (points[ends[:, 0]] - ref)[:, axes].T
+    qu, qv = (points[ends[:, 1]] - ref)[:, axes].T
+    ell = np.hypot(qu - pu, qv - pv)
     total = np.bincount(chain, ell, minlength=n_chains)
 
-    def moment(w: np.ndarray) -> np.ndarray:
+    def mean(w: np.ndarray) -> np.ndarray:
         return np.bincount(chain, ell * w, minlength=n_chains) / total
 
-    mu, mv = moment(0.5 * (p[:, 0] + q[:, 0])), moment(0.5 * (p[:, 1] + q[:, 1]))
-    cuu = moment((p[:, 0] ** 2 + q[:, 0] ** 2 + p[:, 0] * q[:, 0]) / 3.0) - mu**2
-    cvv = moment((p[:, 1] ** 2 + q[:, 1] ** 2 + p[:, 1] * q[:, 1]) / 3.0) - mv**2
-    cuv = moment((2 * p[:, 0] * p[:, 1] + 2 * q[:, 0] * q[:, 1] + p[:, 0] * q[:, 1] + q[:, 0] * p[:, 1]) / 6.0) - mu * mv
+    mu, mv = mean(0.5 * (pu + qu)), mean(0.5 * (pv + qv))
+    cuu = mean((pu * pu + qu * qu + pu * qu) / 3.0) - mu * mu
+    cvv = mean((pv * pv + qv * qv + pv * qv) / 3.0) - mv * mv
+    cuv = mean((2.0 * (pu * pv + qu * qv) + pu * qv + qu * pv) / 6.0) - mu * mv
     theta = np.mod(np.degrees(0.5 * np.arctan2(2.0 * cuv, cuu - cvv)), 180.0)
-    theta = np.where(theta >= 180.0, 0.0, theta)
+    theta = np.where(theta >= 180.0, 0.0, theta)  # mod of a tiny negative angle rounds to 180
     to_interface = np.minimum(theta, 180.0 - theta)
     perpendicular = np.abs(theta - 90.0) <= config.perpendicular_tolerance
 
