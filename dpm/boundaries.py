@@ -455,9 +455,10 @@ def save_trace_rose(path: str | Path, traces: BoundaryTraces) -> None:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     edges = np.radians(traces.bin_edges_deg)
-    fig, ax = plt.subplots(figsize=(5, 3.4), subplot_kw={"projection": "polar"}, layout="constrained")
+    fig, ax = plt.subplots(figsize=(5, 4), subplot_kw={"projection": "polar"}, layout="constrained")
     # Zero along the interface; angles grow towards the other map axis as
     # the image shows it (+y down for "x", +x to the right for "y").
     if traces.interface_direction == "x":
@@ -477,8 +478,11 @@ def save_trace_rose(path: str | Path, traces: BoundaryTraces) -> None:
     ax.plot([0.0, np.pi], [top, top], color="tab:blue", linewidth=3,
             label=f"interface ({traces.interface_direction})")
     ax.set_ylim(0, top)
+    ax.yaxis.set_major_locator(MaxNLocator(3))
+    ax.tick_params(axis="y", labelsize=7)
     ax.set_title(f"{traces.config.kind.upper()} traces, {traces.total_length_um:.4g} µm; "
                  f"{100 * traces.perpendicular_fraction:.3g} % perpendicular", fontsize=9)
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, -0.05), frameon=False, fontsize=8)
+    fig.legend(loc="outside lower center", ncols=2, frameon=False, fontsize=8,
+               title="bars: µm of boundary per bin", title_fontsize=8)
     fig.savefig(str(path), dpi=150)
     plt.close(fig)
