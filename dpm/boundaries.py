@@ -71,8 +71,8 @@ worst 0.37° square, 0.09° hexagonal). Nearer a grid axis the grid itself
 limits it: a line that drifts by less than a pixel across its length is
 drawn as a straight pixel edge or with a single jog, and since the staircase
 stays within half a step of the line the fitted slope can be off by up to
-about ``1.5 / L`` radians (1.4° at 60 px, 0.4° at 200 px), whatever the
-estimator.
+about ``1.5 / L`` radians (1.4° at 60 px, 0.4° at 200 px); the pixels
+themselves leave any estimator an ambiguity of order ``1 / L`` there.
 
 Lengths are those of the smoothed polylines, in µm. Short chains keep grid
 directions after any smoothing (MTEX's *Grain Smoothing* notes the same
