@@ -48,9 +48,18 @@ _PUBLIC = {
     "RefineResult": "dpm.refine",
     "replace_zero_solutions": "dpm.cleanup",
     "ZeroSolutionConfig": "dpm.cleanup",
+    "clean_map": "dpm.cleanup",
+    "MapCleanupConfig": "dpm.cleanup",
+    "clean_pseudo_symmetry": "dpm.pseudo_symmetry",
+    "PseudoSymmetryConfig": "dpm.pseudo_symmetry",
     "grains": "dpm.grains",
     "GrainConfig": "dpm.grains",
     "GrainMap": "dpm.grains",
+    "boundary_traces": "dpm.boundaries",
+    "BoundaryConfig": "dpm.boundaries",
+    "read_map": "dpm.io.readers",
+    "write_ang": "dpm.io.writers",
+    "write_ctf": "dpm.io.writers",
 }
 
 __all__ = sorted(_PUBLIC)

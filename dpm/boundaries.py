@@ -188,6 +188,18 @@ class BoundaryTraces:
         The chain is a loop without end vertices.
     perpendicular : (c,) bool array
         ``|trace_angle_deg - 90| <= perpendicular_tolerance``.
+    pair_grain_a, pair_grain_b : (b,) int64 arrays
+        Grain pair of each whole boundary: all chains between two grains
+        (one boundary that pores or the other kind of boundary interrupt).
+    pair_length_um : (b,) float64 array
+        Smoothed length of each whole boundary in µm.
+    pair_trace_angle_deg : (b,) float64 array
+        Trace angle of each whole boundary: the major axis of all its
+        chains' smoothed segments together (as for a chain).
+    pair_n_chains : (b,) int64 array
+        Chains of each whole boundary.
+    pair_perpendicular : (b,) bool array
+        ``|pair_trace_angle_deg - 90| <= perpendicular_tolerance``.
     segments : (s, 2, 2) float64 array
         Smoothed segments ``[segment, end, (x, y)]`` in µm, chain by chain.
     segment_chain : (s,) int64 array
@@ -199,7 +211,10 @@ class BoundaryTraces:
     total_length_um : float
         Sum of ``length_um``.
     perpendicular_fraction : float
-        Length fraction of perpendicular chains (NaN without boundaries).
+        Length fraction of the whole boundaries that are perpendicular
+        (``pair_perpendicular``; NaN without boundaries): a short piece of a
+        boundary between two pores takes the direction of the whole boundary,
+        which its few pixel faces cannot give.
     interface_direction
         ``"x"`` or ``"y"``, from the grain map's configuration.
     config : BoundaryConfig
@@ -214,6 +229,12 @@ class BoundaryTraces:
     n_segments: np.ndarray
     closed: np.ndarray
     perpendicular: np.ndarray
+    pair_grain_a: np.ndarray
+    pair_grain_b: np.ndarray
+    pair_length_um: np.ndarray
+    pair_trace_angle_deg: np.ndarray
+    pair_n_chains: np.ndarray
+    pair_perpendicular: np.ndarray
     segments: np.ndarray
     segment_chain: np.ndarray
     histogram_um: np.ndarray
@@ -226,7 +247,7 @@ class BoundaryTraces:
     def summary(self) -> dict[str, Any]:
         """Map-level numbers as plain Python values (for JSON).
 
-        ``boundary_kind``, ``n_chains``, ``total_length_um``,
+        ``boundary_kind``, ``n_chains``, ``n_boundaries`` (grain pairs), ``total_length_um``,
         ``perpendicular_fraction``, ``perpendicular_tolerance_deg``,
         ``mean_angle_to_interface_deg`` (length-weighted; NaN without
         boundaries), ``smoothing_iterations``, ``bin_width_deg`` and
@@ -237,6 +258,7 @@ class BoundaryTraces:
         return {
             "boundary_kind": self.config.kind,
             "n_chains": int(len(self.length_um)),
+            "n_boundaries": int(len(self.pair_length_um)),
             "total_length_um": float(total),
             "perpendicular_fraction": float(self.perpendicular_fraction),
             "perpendicular_tolerance_deg": float(self.config.perpendicular_tolerance),
@@ -365,44 +387,65 @@ def boundary_traces(grain_map: GrainMap, *, config: BoundaryConfig = BoundaryCon
 
     points = _smooth(seg.points, ends, s1, s2, hinge, config.iterations, config.rate)
 
-    # Trace: major axis of the length-weighted second moments of each chain's
-    # polyline, in coordinates along (u) and across (v) the interface taken
-    # relative to the chain's first vertex; each segment p -> q integrated
-    # exactly: ∫ u = ℓ (p + q)/2, ∫ u v = ℓ (2 pu pv + 2 qu qv + pu qv + qu pv)/6.
     axes = [0, 1] if grain_map.config.interface_direction == "x" else [1, 0]
-    ref = points[ends[heads, 0]][chain]
-    pu, pv = (points[ends[:, 0]] - ref)[:, axes].T
-    qu, qv = (points[ends[:, 1]] - ref)[:, axes].T
+    uv = points[:, axes]
+    total, theta = _major_axes(uv, ends, chain, n_chains)
+    perpendicular = np.abs(theta - 90.0) <= config.perpendicular_tolerance
+    # Whole boundaries: all chains of one grain pair (a boundary that pores split).
+    pair_keys, pair_of_chain = np.unique(group[heads], return_inverse=True)
+    pair_length, pair_theta = _major_axes(uv, ends, pair_of_chain[chain], len(pair_keys))
+    pair_perpendicular = np.abs(pair_theta - 90.0) <= config.perpendicular_tolerance
+    n_segments = np.bincount(chain, minlength=n_chains)
+    closed = np.bincount(chain[s1], minlength=n_chains) == n_segments
+    edges = np.linspace(0.0, 180.0, int(round(180.0 / config.bin_width)) + 1)
+    hist, _ = np.histogram(theta, bins=edges, weights=total)
+    length = float(total.sum())
+    fraction = (float(pair_length[pair_perpendicular].sum() / length) if length > 0
+                else float("nan"))
+    by_chain = np.argsort(chain, kind="stable")
+    return BoundaryTraces(
+        grain_a=seg.grain_a[order][heads], grain_b=seg.grain_b[order][heads],
+        length_um=total, trace_angle_deg=theta, angle_to_interface_deg=np.minimum(theta, 180 - theta),
+        n_segments=n_segments, closed=closed, perpendicular=perpendicular,
+        pair_grain_a=pair_keys // n_grains, pair_grain_b=pair_keys % n_grains,
+        pair_length_um=pair_length, pair_trace_angle_deg=pair_theta,
+        pair_n_chains=np.bincount(pair_of_chain, minlength=len(pair_keys)),
+        pair_perpendicular=pair_perpendicular,
+        segments=points[ends[by_chain]], segment_chain=chain[by_chain],
+        histogram_um=hist, bin_edges_deg=edges, total_length_um=length,
+        perpendicular_fraction=fraction, interface_direction=grain_map.config.interface_direction,
+        config=config)
+
+
+def _major_axes(uv: np.ndarray, ends: np.ndarray, label: np.ndarray,
+                n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Length and major-axis direction of the polylines formed by the segments of each label.
+
+    The direction is the major axis of the length-weighted second moments of
+    the segments (a curve of uniform density), in coordinates ``uv`` along
+    and across the interface taken relative to each label's first vertex;
+    each segment p -> q is integrated exactly: ``∫ u = ℓ (p + q)/2``,
+    ``∫ u v = ℓ (2 pu pv + 2 qu qv + pu qv + qu pv)/6``.
+
+    Returns ``length`` (n,) and ``theta`` (n,) in degrees in [0, 180).
+    """
+    first = np.full(n, len(label), dtype=np.int64)
+    np.minimum.at(first, label, np.arange(len(label)))
+    ref = uv[ends[first, 0]][label]
+    pu, pv = (uv[ends[:, 0]] - ref).T
+    qu, qv = (uv[ends[:, 1]] - ref).T
     ell = np.hypot(qu - pu, qv - pv)
-    total = np.bincount(chain, ell, minlength=n_chains)
+    total = np.bincount(label, ell, minlength=n)
 
     def mean(w: np.ndarray) -> np.ndarray:
-        return np.bincount(chain, ell * w, minlength=n_chains) / total
+        return np.bincount(label, ell * w, minlength=n) / total
 
     mu, mv = mean(0.5 * (pu + qu)), mean(0.5 * (pv + qv))
     cuu = mean((pu * pu + qu * qu + pu * qu) / 3.0) - mu * mu
     cvv = mean((pv * pv + qv * qv + pv * qv) / 3.0) - mv * mv
     cuv = mean((2.0 * (pu * pv + qu * qv) + pu * qv + qu * pv) / 6.0) - mu * mv
     theta = np.mod(np.degrees(0.5 * np.arctan2(2.0 * cuv, cuu - cvv)), 180.0)
-    theta = np.where(theta >= 180.0, 0.0, theta)  # mod of a tiny negative angle rounds to 180
-    to_interface = np.minimum(theta, 180.0 - theta)
-    perpendicular = np.abs(theta - 90.0) <= config.perpendicular_tolerance
-
-    n_segments = np.bincount(chain, minlength=n_chains)
-    closed = np.bincount(chain[s1], minlength=n_chains) == n_segments
-    edges = np.linspace(0.0, 180.0, int(round(180.0 / config.bin_width)) + 1)
-    hist, _ = np.histogram(theta, bins=edges, weights=total)
-    length = float(total.sum())
-    fraction = float(total[perpendicular].sum() / length) if length > 0 else float("nan")
-    by_chain = np.argsort(chain, kind="stable")
-    return BoundaryTraces(
-        grain_a=seg.grain_a[order][heads], grain_b=seg.grain_b[order][heads],
-        length_um=total, trace_angle_deg=theta, angle_to_interface_deg=to_interface,
-        n_segments=n_segments, closed=closed, perpendicular=perpendicular,
-        segments=points[ends[by_chain]], segment_chain=chain[by_chain],
-        histogram_um=hist, bin_edges_deg=edges, total_length_um=length,
-        perpendicular_fraction=fraction, interface_direction=grain_map.config.interface_direction,
-        config=config)
+    return total, np.where(theta >= 180.0, 0.0, theta)  # mod of a tiny negative rounds to 180
 
 
 def _smooth(points: np.ndarray, ends: np.ndarray, s1: np.ndarray, s2: np.ndarray,
@@ -486,3 +529,25 @@ def save_trace_rose(path: str | Path, traces: BoundaryTraces) -> None:
                title="bars: µm of boundary per bin", title_fontsize=8)
     fig.savefig(str(path), dpi=150)
     plt.close(fig)
+
+
+#: Columns of :func:`write_trace_table` (fields of :class:`BoundaryTraces`
+#: without their ``pair_`` prefix), units in the names.
+TRACE_COLUMNS = ("grain_a", "grain_b", "length_um", "trace_angle_deg", "n_chains",
+                 "perpendicular")
+
+
+def write_trace_table(traces: BoundaryTraces, path: str | Path) -> None:
+    """Write one CSV row per whole boundary (grain pair): the columns of :data:`TRACE_COLUMNS`.
+
+    Booleans are written ``0``/``1``; floats with 8 significant digits.
+    """
+    import csv
+
+    cols = [np.asarray(getattr(traces, f"pair_{c}")) for c in TRACE_COLUMNS]
+    text = [c.astype(np.int64).astype(str) if c.dtype.kind in "biu" else np.char.mod("%.8g", c)
+            for c in cols]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(TRACE_COLUMNS)
+        writer.writerows(zip(*(t.tolist() for t in text)))

@@ -29,7 +29,8 @@ _TABLE_OPTIONS = {
     "band_contrast_threshold": ("zero_solutions", "band_contrast_threshold"),
     "interface_direction": ("grains", "interface_direction"),
 }
-_TABLES = ("preprocess", "refinement", "zero_solutions", "cleanup", "pseudo_symmetry", "grains")
+_TABLES = ("preprocess", "refinement", "zero_solutions", "cleanup", "pseudo_symmetry", "grains",
+           "boundaries")
 
 
 class UsageError(ValueError):
@@ -116,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--grid", choices=("square", "hexagonal"),
                    help="map grid (default: the file's; .ctf and .h5 maps are square)")
 
+    g.add_argument("--perpendicular-tolerance", type=float, default=10.0,
+                   help="degrees from perpendicular to the interface within which a boundary "
+                   "trace counts as perpendicular (default 10)")
+
     f = sub.add_parser("info", help="what dpm sees in a pattern or master-pattern file")
     f.add_argument("file")
     return p
@@ -179,6 +184,7 @@ def _run_index(args: argparse.Namespace) -> int:
     from dpm.io.writers import prepare_output_dir, write_index_outputs
     from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
     from dpm.grains import GrainConfig
+    from dpm.boundaries import BoundaryConfig
     from dpm.pipeline import NEEDS_REFINE, IndexConfig, index
     from dpm.preprocess import PreprocessConfig
     from dpm.pseudo_symmetry import PseudoSymmetryConfig
@@ -201,7 +207,8 @@ def _run_index(args: argparse.Namespace) -> int:
             opts[stage] = None
     for table, cls in (("preprocess", PreprocessConfig), ("refinement", RefineConfig),
                        ("zero_solutions", ZeroSolutionConfig), ("cleanup", MapCleanupConfig),
-                       ("pseudo_symmetry", PseudoSymmetryConfig), ("grains", GrainConfig)):
+                       ("pseudo_symmetry", PseudoSymmetryConfig), ("grains", GrainConfig),
+                       ("boundaries", BoundaryConfig)):
         if table in opts:
             try:
                 fields[table] = None if opts[table] is None else cls(**opts[table])
@@ -212,7 +219,8 @@ def _run_index(args: argparse.Namespace) -> int:
                    master_pattern=opts.get("master_pattern"), config=config,
                    progress=not args.quiet)
     write_index_outputs(result, out)
-    grain_map = _write_grains(result.xmap, out, result.config.grains)
+    grain_map = _write_grains(result.xmap, out, result.config.grains,
+                              result.config.boundaries)
     s = result.scores
     indexed = int((result.xmap.phase_id >= 0).sum())
     zs = result.details.get("zero_solutions")
@@ -224,16 +232,17 @@ def _run_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_grains(xmap: Any, out: Path, config: Any) -> Any:
+def _write_grains(xmap: Any, out: Path, config: Any, boundary_config: Any) -> Any:
     """Grains of a map and their files (:func:`dpm.grains.write_grain_outputs`) in ``out``."""
     from dpm.grains import grains, write_grain_outputs
 
     grain_map = grains(xmap, config)
-    write_grain_outputs(grain_map, xmap, out)
+    write_grain_outputs(grain_map, xmap, out, boundary_config)
     return grain_map
 
 
 def _run_grains(args: argparse.Namespace) -> int:
+    from dpm.boundaries import BoundaryConfig
     from dpm.grains import GrainConfig
     from dpm.io.readers import read_map
     from dpm.io.writers import prepare_output_dir
@@ -244,7 +253,8 @@ def _run_grains(args: argparse.Namespace) -> int:
     grain_map = _write_grains(orientation_map.xmap, out, GrainConfig(
         high_angle=args.high_angle, low_angle=args.low_angle, min_size=args.min_size,
         interface_direction=args.interface_direction,
-        grid=args.grid or orientation_map.grid))  # step: the map's
+        grid=args.grid or orientation_map.grid),  # step: the map's
+        BoundaryConfig(perpendicular_tolerance=args.perpendicular_tolerance))
     s = grain_map.summary
     print(f"{s['n_grains']} grains in {path.name}: mean width {s['mean_width_um']:.2f} um, "
           f"mean ECD {s['mean_ecd_um']:.2f} um, indexing rate {s['indexing_rate']:.3f}; "

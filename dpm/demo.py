@@ -94,7 +94,7 @@ def run_demo(out: str | Path = "dpm-demo", device: str | None = None, progress: 
     truth_grains = _truth_grain_count(smap)
     accuracy["grains"] = truth_grains
     write_index_outputs(result, out, extra_summary={"truth": accuracy})
-    write_grain_outputs(grain_map, result.xmap, out)
+    write_grain_outputs(grain_map, result.xmap, out, result.config.boundaries)
     zs = result.details.get("zero_solutions", {})
     return (f"dpm demo: {diff.sum()} diffracting pixels of {diff.size}: "
             f"{100 * within:.1f}% within 2 deg of the truth "

@@ -794,15 +794,21 @@ def grains(xmap: Any, config: GrainConfig | None = None) -> GrainMap:
     return grain_map
 
 
-def write_grain_outputs(grain_map: GrainMap, xmap: Any, out: str | Path) -> list[Path]:
+def write_grain_outputs(grain_map: GrainMap, xmap: Any, out: str | Path,
+                        boundary_config: Any = None) -> list[Path]:
     """Write the grain layer's files into ``out``.
 
     ``grains.csv`` and ``grains.parquet`` (the grain table), ``grains.json``
-    (the map summary), ``boundaries.png`` (HAGB black, LAGB white over the
-    IPF-z map), ``kam.png`` (kernel average misorientation, 0 to the KAM
-    threshold, unindexed black), ``grain_widths.png`` (histogram of the widths
-    along the interface of the grains not flagged ``small``), and the IPF maps
-    along x, y and z with the colour key (:func:`dpm.maps.write_ipf_maps`).
+    (the map summary, with the HAGB trace statistics of
+    :func:`dpm.boundaries.boundary_traces` under ``hagb_trace_...`` keys),
+    ``boundaries.csv`` (one row per smoothed HAGB chain: grains, length,
+    trace angle, angle to the interface, perpendicular flag),
+    ``boundaries.png`` (HAGB black, LAGB white over the IPF-z map),
+    ``trace_rose.png`` (length-weighted HAGB trace angles),
+    ``kam.png`` (kernel average misorientation, 0 to the KAM threshold,
+    unindexed black), ``grain_widths.png`` (histogram of the widths along the
+    interface of the grains not flagged ``small``), and the IPF maps along x,
+    y and z with the colour key (:func:`dpm.maps.write_ipf_maps`).
 
     Parameters
     ----------
@@ -812,6 +818,9 @@ def write_grain_outputs(grain_map: GrainMap, xmap: Any, out: str | Path) -> list
         The orix ``CrystalMap`` the grains were reconstructed from.
     out
         Existing output folder.
+    boundary_config
+        :class:`dpm.boundaries.BoundaryConfig` of the traces (HAGB); None =
+        the defaults.
 
     Returns
     -------
@@ -820,19 +829,27 @@ def write_grain_outputs(grain_map: GrainMap, xmap: Any, out: str | Path) -> list
     """
     import json
 
+    from dpm.boundaries import BoundaryConfig, boundary_traces, save_trace_rose, write_trace_table
     from dpm.maps import ipf_colors, save_histogram, save_rgb, save_scalar, write_ipf_maps
 
     out = Path(out)
     paths = [out / "grains.csv", out / "grains.parquet", out / "grains.json",
-             out / "boundaries.png", out / "kam.png", out / "grain_widths.png"]
+             out / "boundaries.csv", out / "boundaries.png", out / "trace_rose.png",
+             out / "kam.png", out / "grain_widths.png"]
+    traces = boundary_traces(grain_map, config=replace(boundary_config or BoundaryConfig(),
+                                                       kind="hagb"))
     write_grain_table(grain_map, paths[0])
     write_grain_table_parquet(grain_map, paths[1])
-    paths[2].write_text(json.dumps(_jsonable(grain_map.summary), indent=2) + "\n")
-    save_rgb(paths[3], boundary_overlay(grain_map, ipf_colors(xmap, "z")), scale=1)
-    save_scalar(paths[4], grain_map.kam, cmap="viridis", vmin=0.0,
+    summary = grain_map.summary | {f"hagb_trace_{k}": v for k, v in traces.summary().items()
+                                   if k not in ("boundary_kind", "interface_direction")}
+    paths[2].write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    write_trace_table(traces, paths[3])
+    save_rgb(paths[4], boundary_overlay(grain_map, ipf_colors(xmap, "z")), scale=1)
+    save_trace_rose(paths[5], traces)
+    save_scalar(paths[6], grain_map.kam, cmap="viridis", vmin=0.0,
                 vmax=grain_map.config.kam_threshold)
     keep = ~grain_map.table["small"]
-    save_histogram(paths[5], grain_map.table["width_um"][keep],
+    save_histogram(paths[7], grain_map.table["width_um"][keep],
                    xlabel=f"width along the interface ({grain_map.config.interface_direction}), µm")
     return paths + write_ipf_maps(xmap, out)
 

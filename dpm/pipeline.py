@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from dpm import backend
+from dpm.boundaries import BoundaryConfig
 from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
 from dpm.grains import GrainConfig, Grid, check_grid
 from dpm.preprocess import PreprocessConfig
@@ -116,6 +117,9 @@ class IndexConfig:
         Grain reconstruction and statistics of the indexed map (run by
         ``dpm index`` and ``dpm demo`` on the result; the step size comes
         from the map).
+    boundaries
+        Smoothing and summary of the grain-boundary traces
+        (:func:`dpm.boundaries.boundary_traces`) written with the grains.
     """
 
     kv: float = 20.0
@@ -136,6 +140,7 @@ class IndexConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     grid: Grid = "square"
     grains: GrainConfig = field(default_factory=GrainConfig)
+    boundaries: BoundaryConfig = field(default_factory=BoundaryConfig)
 
     def __post_init__(self) -> None:
         check_grid(self.grid)

@@ -253,7 +253,7 @@ def columnar_film(map_shape: tuple[int, int], rng: np.random.Generator, *, step_
                   width_range: tuple[float, float] = (10.0, 150.0),
                   perpendicular_fraction: float = 0.5, perpendicular_tilt: float = 2.0,
                   tilt_range: tuple[float, float] = (4.0, 12.0), pore_fraction: float = 0.02,
-                  spike_fraction: float = 0.01, zero_solution_fraction: float = 0.01,
+                  spike_fraction: float = 0.01, zero_solution_fraction: float = 0.0,
                   noise_deg: float = 0.3, min_gap: float = 5.0,
                   min_misorientation: float = 15.0) -> ColumnarFilm:
     """Draw a columnar film: grains spanning the film with known widths and boundary angles.
@@ -269,7 +269,8 @@ def columnar_film(map_shape: tuple[int, int], rng: np.random.Generator, *, step_
     is rotated by ``noise_deg`` about a random axis. Then pores
     (:func:`pores`, ``pore_fraction``), wild spikes (``spike_fraction`` of
     the diffracting pixels get a random orientation more than
-    ``min_misorientation`` from their grain's) and zero solutions
+    ``min_misorientation`` from their grain's, its neighbour grains' and any
+    neighbouring spike's) and zero solutions
     (``zero_solution_fraction`` of the other diffracting pixels) are placed
     at random. Pores never cut a grain in two: a piece of a grain they cut
     off (a 4-connected remnant beside the map edge) is made part of the pore,
@@ -282,7 +283,7 @@ def columnar_film(map_shape: tuple[int, int], rng: np.random.Generator, *, step_
     from orix.quaternion import Rotation
     from orix.quaternion.symmetry import Oh
 
-    from dpm.grains import disorientation_angles
+    from dpm.grains import disorientation_angles, neighbours
 
     ny, nx = (int(v) for v in map_shape)
     lo, hi = (w / step_size for w in width_range)
@@ -319,10 +320,19 @@ def columnar_film(map_shape: tuple[int, int], rng: np.random.Generator, *, step_
             sizes = np.bincount(pieces.ravel())[1:]
             diffracting &= ~((pieces > 0) & (pieces != np.argmax(sizes) + 1))
     spikes = weak_pixels(diffracting, spike_fraction, rng)
+    # A spike differs by more than min_misorientation from its grain, the grains beside
+    # it and the spikes around it (two agreeing neighbours would be a grain of two pixels).
+    table = neighbours((ny, nx))
     at = np.flatnonzero(spikes)
-    while len(at):     # a spike differs from its grain by more than min_misorientation
+    while len(at):
         q[at] = random_quaternions(len(at), rng)
-        at = at[disorientation_angles(q[at], grain_q[ids.ravel()[at]], Oh) <= min_misorientation]
+        near = [disorientation_angles(q[at], grain_q[np.clip(ids.ravel()[at] + d, 0, n_grains - 1)],
+                                      Oh) for d in (-1, 0, 1)]
+        for k in range(table.shape[1]):
+            j = table[at, k]
+            other = (j >= 0) & spikes.ravel()[np.maximum(j, 0)]
+            near.append(np.where(other, disorientation_angles(q[at], q[np.maximum(j, 0)], Oh), 180.0))
+        at = at[np.min(near, axis=0) <= min_misorientation]
     zero = weak_pixels(diffracting & ~spikes, zero_solution_fraction, rng)
     trace = np.degrees(np.arctan2(1.0, slopes))           # direction (slope, 1) from +x
     return ColumnarFilm(
