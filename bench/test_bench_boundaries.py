@@ -25,24 +25,17 @@ from orix.quaternion.symmetry import Oh
 
 from dpm.boundaries import boundary_traces
 from dpm.grains import GrainConfig, reconstruct_grains
-from dpm.synthetic import SyntheticConfig, columnar_grains, random_quaternions
+from dpm.synthetic import random_quaternions
+from grain_data import stacked_columns
 
-LAYERS = 10
-LAYER_SHAPE = (200, 2000)
 GRAIN_WIDTH = 10.0
 
 
 @pytest.fixture(scope="module", params=["square", "hexagonal"])
 def grain_map(request):
     rng = np.random.default_rng(0)
-    cfg = SyntheticConfig(map_shape=LAYER_SHAPE, grain_width=GRAIN_WIDTH)
-    layers, offset = [], 0
-    for _ in range(LAYERS):
-        ids = columnar_grains(cfg, rng)
-        layers.append(ids + offset)
-        offset += int(ids.max()) + 1
-    truth = np.concatenate(layers)
-    q = random_quaternions(offset, rng)[truth.ravel()]
+    truth = stacked_columns(rng, GRAIN_WIDTH)
+    q = random_quaternions(int(truth.max()) + 1, rng)[truth.ravel()]
     indexed = rng.random(truth.size) >= 0.02
     return reconstruct_grains(q, indexed, truth.shape, Oh, config=GrainConfig(grid=request.param))
 

@@ -787,10 +787,12 @@ def grains(xmap: Any, config: GrainConfig | None = None) -> GrainMap:
         if flag in xmap.prop:
             grain_map.summary[f"{flag}_pixels"] = int(np.count_nonzero(xmap.prop[flag]))
     s = grain_map.summary
-    if not s["astm_e2627_valid"]:
+    if s["astm_e2627_excluded_edge"] == s["n_grains"] + s["n_small_grains"]:
+        log.warning("ASTM E2627 does not apply to this map: every grain touches the map edge")
+    elif not s["astm_e2627_valid"]:
         log.warning("ASTM E2627 does not apply to this map: the mean interior grain has %.0f "
-                    "pixels (at least %d needed; NaN: every grain touches the map edge)",
-                    s["astm_e2627_mean_pixels_before_cut"], config.astm_min_mean_pixels)
+                    "pixels (at least %d needed)", s["astm_e2627_mean_pixels_before_cut"],
+                    config.astm_min_mean_pixels)
     return grain_map
 
 
@@ -855,8 +857,9 @@ def write_grain_outputs(grain_map: GrainMap, xmap: Any, out: str | Path,
 
 
 def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
-    """Plain Python numbers for json."""
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in summary.items()}
+    """Plain Python values for json; NaN (undefined, e.g. no interior grain) as null."""
+    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in summary.items()}
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in plain.items()}
 
 
 class _GrainsModule(types.ModuleType):
