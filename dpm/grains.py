@@ -486,6 +486,76 @@ def astm_e2627(table: dict[str, np.ndarray], config: GrainConfig = GrainConfig()
     }
 
 
+def pore_positions(labels: np.ndarray, grid: Grid = "square") -> dict[str, Any]:
+    """Where the unindexed regions (pores, voids) of a map sit relative to the grains.
+
+    A pore is a connected region of unindexed pixels (face neighbours, as
+    :func:`neighbour_pairs`). It lies *inside a grain* when every indexed
+    face neighbour of it belongs to one grain, *on a boundary* when they
+    belong to two or more grains; pores touching the map edge are counted
+    apart (part of them lies outside the map).
+
+    Parameters
+    ----------
+    labels : (ny, nx) int array
+        Grain ids, -1 where unindexed.
+    grid
+        ``"square"`` or ``"hexagonal"``.
+
+    Returns
+    -------
+    dict
+        ``n_pores``, ``pores_inside_grains``, ``pores_on_boundaries``,
+        ``pores_at_map_edge`` (counts), ``pore_pixels``, and
+        ``pore_pixels_on_boundaries_fraction`` (pixels of the pores away from
+        the map edge that lie on boundaries, of those pores' pixels; NaN
+        without such pores).
+
+    Examples
+    --------
+    >>> lab = np.array([[0, 0, 1, 1], [0, -1, -1, 1], [0, 0, 1, 1], [0, -1, 0, 0]])
+    >>> d = pore_positions(lab)
+    >>> d["n_pores"], d["pores_on_boundaries"], d["pores_at_map_edge"]
+    (2, 1, 1)
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    lab = np.asarray(labels).ravel()
+    ny, nx = np.shape(labels)
+    pairs = neighbour_pairs((ny, nx), grid)
+    a, b = lab[pairs[:, 0]], lab[pairs[:, 1]]
+    joined = pairs[(a < 0) & (b < 0)]
+    n = lab.size
+    graph = coo_matrix((np.ones(len(joined), np.int8), (joined[:, 0], joined[:, 1])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    pore_pixels = np.flatnonzero(lab < 0)
+    pores, pore_of = np.unique(comp[pore_pixels], return_inverse=True)
+    which = np.full(n, -1, dtype=np.int64)
+    which[pore_pixels] = pore_of
+    # (pore, grain) contacts across faces, each once.
+    contact = np.concatenate([np.stack([which[pairs[:, 0]], b], 1)[(a < 0) & (b >= 0)],
+                              np.stack([which[pairs[:, 1]], a], 1)[(b < 0) & (a >= 0)]])
+    contact = np.unique(contact, axis=0)
+    grains_touched = np.bincount(contact[:, 0], minlength=len(pores))
+    row, col = np.divmod(pore_pixels, nx)
+    edge = np.bincount(pore_of, (row == 0) | (row == ny - 1) | (col == 0) | (col == nx - 1),
+                       minlength=len(pores)) > 0
+    size = np.bincount(pore_of, minlength=len(pores))
+    on_boundary = ~edge & (grains_touched >= 2)
+    inside = ~edge & (grains_touched == 1)
+    interior = int(size[~edge].sum())
+    return {
+        "n_pores": int(len(pores)),
+        "pores_inside_grains": int(inside.sum()),
+        "pores_on_boundaries": int(on_boundary.sum()),
+        "pores_at_map_edge": int(edge.sum()),
+        "pore_pixels": int(size.sum()),
+        "pore_pixels_on_boundaries_fraction": (float(size[on_boundary].sum() / interior)
+                                               if interior else float("nan")),
+    }
+
+
 def reconstruct_grains(quaternions: np.ndarray, indexed: np.ndarray, map_shape: tuple[int, int],
                        point_group: Symmetry, *, config: GrainConfig = GrainConfig()) -> GrainMap:
     """Grains of a map and their statistics.
@@ -534,8 +604,8 @@ def reconstruct_grains(quaternions: np.ndarray, indexed: np.ndarray, map_shape: 
         ``hagb_length_per_area_per_um`` and ``lagb_length_per_area_per_um``
         (boundary length over indexed area, µm⁻¹), ``n_hagb_pairs``,
         ``n_lagb_pairs``, ``mean_kam_deg`` (mean kernel average
-        misorientation), the ASTM E2627 entries of :func:`astm_e2627`, and the
-        configuration values.
+        misorientation), the ASTM E2627 entries of :func:`astm_e2627`, where the
+        pores sit (:func:`pore_positions`), and the configuration values.
 
     Examples
     --------
@@ -575,7 +645,8 @@ def reconstruct_grains(quaternions: np.ndarray, indexed: np.ndarray, map_shape: 
 
     table = _grain_table(q, lab, pix, pairs, (ny, nx), point_group, config)
     kam = kernel_average_misorientation(lab.reshape(ny, nx), pairs, angle, config.kam_threshold)
-    summary = _summary(table, lab, pairs, angle, config) | astm_e2627(table, config)
+    summary = (_summary(table, lab, pairs, angle, config) | astm_e2627(table, config)
+               | pore_positions(lab.reshape(ny, nx), config.grid))
     summary["mean_kam_deg"] = float(np.nanmean(kam)) if np.isfinite(kam).any() else float("nan")
     return GrainMap(lab.reshape(ny, nx), pairs, angle, table, summary, config, kam)
 

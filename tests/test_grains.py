@@ -440,3 +440,25 @@ class TestColumnarFilmAcceptance:
             lengths[k] = traces.pair_length_um[row]
         assert traces.perpendicular_fraction == pytest.approx(
             lengths[true_perpendicular].sum() / lengths.sum(), abs=1e-12)
+
+
+def test_pore_positions_against_scipy_labels(columnar):
+    """Oracle: scipy.ndimage labels of the pores and the true grains around each."""
+    truth, diffracting, _, _, gm = columnar
+    pores, n = ndimage.label(~diffracting)
+    ny, nx = truth.shape
+    inside = on_boundary = at_edge = 0
+    for k in range(1, n + 1):
+        region = pores == k
+        rows, cols = np.nonzero(region)
+        if rows.min() == 0 or cols.min() == 0 or rows.max() == ny - 1 or cols.max() == nx - 1:
+            at_edge += 1
+            continue
+        ring = ndimage.binary_dilation(region) & ~region & diffracting
+        touched = len(np.unique(truth[ring]))
+        inside += touched == 1
+        on_boundary += touched >= 2
+    s = gm.summary
+    assert s["n_pores"] == n and s["pores_at_map_edge"] == at_edge
+    assert (s["pores_inside_grains"], s["pores_on_boundaries"]) == (inside, on_boundary)
+    assert inside > 0 and on_boundary > 0
