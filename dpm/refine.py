@@ -41,10 +41,12 @@ Iteration (per candidate)
 -------------------------
 Solve ``(H + λ diag H) Δ = ∇NCC`` with ``H = NCC · JᵀJ`` for the free parameters, shorten Δ to
 the trust radius, evaluate the NCC at the trial point; accept it when the NCC
-rises (radius × 2, λ / 3), else reject (radius / 4, λ × 4). A candidate has
+rises (radius × 2, up to 4 × ``trust_radius``; λ / 3), else reject (radius a
+quarter of the shorter of the radius and the rejected step; λ × 4). A candidate has
 converged when its own Newton step, or an accepted step, is below ``tolerance``
 (and a PC step below ``pc_tolerance``; a stationary point is not evaluated
-again), or its radius has shrunk below them. Converged candidates leave the
+again), or its radius has shrunk below them; every candidate stops after
+``max_iterations``. Converged candidates leave the
 batch, so late iterations cost little. Candidates are refined in batches of
 whole patterns sized from ``memory_budget``.
 
