@@ -133,3 +133,44 @@ def save_histogram(path: str | Path, values: np.ndarray, *, xlabel: str, bins: i
     ax.set_ylabel(ylabel)
     fig.savefig(str(path), dpi=150)
     plt.close(fig)
+
+
+#: Per-pixel properties drawn by :func:`write_property_maps`: file name ->
+#: property names it is read from, first found (dpm's, Oxford .ctf, TSL .ang),
+#: and the value range drawn (None: the map's own).
+PROPERTY_MAPS = {
+    "band_contrast.png": (("band_contrast", "BC"), (0.0, 255.0)),
+    "scores.png": (("scores", "ci"), (0.0, None)),
+}
+
+
+def write_property_maps(xmap, out: str | Path, map_shape: tuple[int, int]) -> list[Path]:
+    """Write the band contrast and NCC score maps a CrystalMap carries, as grey PNGs.
+
+    ``band_contrast.png`` from ``band_contrast`` (dpm) or ``BC`` (.ctf), 0–255;
+    ``scores.png`` from ``scores`` (dpm's refined NCC) or ``ci`` (.ang
+    confidence index), from 0. A map without the property gets no file.
+
+    Parameters
+    ----------
+    xmap
+        orix ``CrystalMap``, row-major.
+    out
+        Existing folder.
+    map_shape
+        ``(ny, nx)``.
+
+    Returns
+    -------
+    paths
+        The files written.
+    """
+    paths = []
+    for name, (props, (vmin, vmax)) in PROPERTY_MAPS.items():
+        prop = next((p for p in props if p in xmap.prop), None)
+        if prop is None:
+            continue
+        values = np.asarray(xmap.prop[prop], dtype=float).reshape(xmap.size, -1)[:, 0]
+        paths.append(Path(out) / name)
+        save_scalar(paths[-1], values.reshape(map_shape), cmap="gray", vmin=vmin, vmax=vmax)
+    return paths

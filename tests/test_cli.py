@@ -205,3 +205,28 @@ def test_grains_command_on_an_ang_file_matches_the_library(tmp_path, capsys):
     # Every grain touches the edge of this small map: ASTM E2627 is undefined, written null.
     assert "NaN" not in text and summary["astm_e2627_G"] is None
     assert "grains in map.ang" in capsys.readouterr().out
+
+
+def test_grains_on_a_ctf_draws_its_band_contrast(tmp_path):
+    """`dpm grains` on an Oxford .ctf writes its BC column as band_contrast.png (0-255 grey)."""
+    import matplotlib.image as mpimg
+    from orix.crystal_map import CrystalMap, PhaseList
+    from orix.quaternion import Rotation
+
+    from dpm.crystal import get_phase
+    from dpm.io.writers import write_ctf
+    from dpm.synthetic import columnar_grains, random_quaternions
+
+    rng = np.random.default_rng(5)
+    ids = columnar_grains(SyntheticConfig(map_shape=(10, 20), grain_width=6), rng)
+    q = random_quaternions(int(ids.max()) + 1, rng)[ids.ravel()]
+    bc = rng.integers(0, 256, size=ids.size).astype(np.float64)
+    y, x = np.divmod(np.arange(ids.size), 20)
+    xmap = CrystalMap(Rotation(q), x=x * 1.0, y=y * 1.0, phase_list=PhaseList(get_phase("li")),
+                      prop={"band_contrast": bc}, scan_unit="um")
+    write_ctf(xmap, tmp_path / "map.ctf")
+    assert main(["--quiet", "grains", str(tmp_path / "map.ctf"), "--out", str(tmp_path / "g")]) == 0
+    image = mpimg.imread(tmp_path / "g" / "band_contrast.png")       # 30 image px per map px
+    grey = image[15::30, 15::30, 0].ravel()
+    np.testing.assert_allclose(grey * 255.0, bc, atol=1.0)
+    assert not (tmp_path / "g" / "scores.png").exists()            # .ctf carries no NCC
