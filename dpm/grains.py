@@ -534,10 +534,11 @@ def pore_positions(labels: np.ndarray, grid: Grid = "square") -> dict[str, Any]:
     which = np.full(n, -1, dtype=np.int64)
     which[pore_pixels] = pore_of
     # (pore, grain) contacts across faces, each once.
-    contact = np.concatenate([np.stack([which[pairs[:, 0]], b], 1)[(a < 0) & (b >= 0)],
-                              np.stack([which[pairs[:, 1]], a], 1)[(b < 0) & (a >= 0)]])
-    contact = np.unique(contact, axis=0)
-    grains_touched = np.bincount(contact[:, 0], minlength=len(pores))
+    left, right = (a < 0) & (b >= 0), (b < 0) & (a >= 0)
+    n_labels = int(lab.max()) + 1
+    contact = np.unique(np.concatenate([which[pairs[left, 0]] * n_labels + b[left],
+                                        which[pairs[right, 1]] * n_labels + a[right]]))
+    grains_touched = np.bincount(contact // max(n_labels, 1), minlength=len(pores))
     row, col = np.divmod(pore_pixels, nx)
     edge = np.bincount(pore_of, (row == 0) | (row == ny - 1) | (col == 0) | (col == nx - 1),
                        minlength=len(pores)) > 0
