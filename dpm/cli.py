@@ -246,7 +246,7 @@ def _run_grains(args: argparse.Namespace) -> int:
     from dpm.grains import GrainConfig
     from dpm.io.readers import read_map
     from dpm.io.writers import prepare_output_dir
-    from dpm.maps import write_property_maps
+    from dpm.maps import write_ipf_maps, write_property_maps
 
     path = Path(args.map)
     orientation_map = read_map(path)
@@ -256,6 +256,7 @@ def _run_grains(args: argparse.Namespace) -> int:
         interface_direction=args.interface_direction,
         grid=args.grid or orientation_map.grid),  # step: the map's
         BoundaryConfig(perpendicular_tolerance=args.perpendicular_tolerance))
+    write_ipf_maps(orientation_map.xmap, out)
     write_property_maps(orientation_map.xmap, out, orientation_map.map_shape)
     s = grain_map.summary
     print(f"{s['n_grains']} grains in {path.name}: mean width {s['mean_width_um']:.2f} um, "

@@ -880,9 +880,9 @@ def write_grain_outputs(grain_map: GrainMap, xmap: Any, out: str | Path,
     ``boundaries.png`` (HAGB black, LAGB white over the IPF-z map),
     ``trace_rose.png`` (length-weighted HAGB trace angles),
     ``kam.png`` (kernel average misorientation, 0 to the KAM threshold,
-    unindexed black), ``grain_widths.png`` (histogram of the widths along the
-    interface of the grains not flagged ``small``), and the IPF maps along x,
-    y and z with the colour key (:func:`dpm.maps.write_ipf_maps`).
+    unindexed black) and ``grain_widths.png`` (histogram of the widths along the
+    interface of the grains not flagged ``small``). The IPF maps come with
+    the map itself (:func:`dpm.maps.write_ipf_maps`).
 
     Parameters
     ----------
@@ -904,7 +904,7 @@ def write_grain_outputs(grain_map: GrainMap, xmap: Any, out: str | Path,
     import json
 
     from dpm.boundaries import BoundaryConfig, boundary_traces, save_trace_rose, write_trace_table
-    from dpm.maps import ipf_colors, save_histogram, save_rgb, save_scalar, write_ipf_maps
+    from dpm.maps import ipf_colors, save_histogram, save_rgb, save_scalar
 
     out = Path(out)
     paths = [out / "grains.csv", out / "grains.parquet", out / "grains.json",
@@ -925,7 +925,7 @@ def write_grain_outputs(grain_map: GrainMap, xmap: Any, out: str | Path,
     keep = ~grain_map.table["small"]
     save_histogram(paths[7], grain_map.table["width_um"][keep],
                    xlabel=f"width along the interface ({grain_map.config.interface_direction}), µm")
-    return paths + write_ipf_maps(xmap, out)
+    return paths
 
 
 def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:

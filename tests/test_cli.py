@@ -204,6 +204,9 @@ def test_grains_command_on_an_ang_file_matches_the_library(tmp_path, capsys):
     assert summary["mean_width_um"] == pytest.approx(expected.summary["mean_width_um"])
     # Every grain touches the edge of this small map: ASTM E2627 is undefined, written null.
     assert "NaN" not in text and summary["astm_e2627_G"] is None
+    for name in ("ipf_x.png", "ipf_y.png", "ipf_z.png", "ipf_key.png", "boundaries.png",
+                 "trace_rose.png", "kam.png", "grain_widths.png", "grains.parquet"):
+        assert (tmp_path / "g" / name).is_file(), name
     assert "grains in map.ang" in capsys.readouterr().out
 
 

@@ -2,7 +2,9 @@
 
 :func:`write_index_outputs` fills an output folder the way ``dpm index``
 promises (DESIGN.md, "Command line"): ``map.h5``, ``map.ang``, ``map.ctf``,
-``ipf_z.png``, ``scores.png``, ``summary.json`` and ``config.toml``.
+the IPF maps with their key (:func:`dpm.maps.write_ipf_maps`), ``scores.png``,
+``band_contrast.png`` (:func:`dpm.maps.write_property_maps`),
+``pattern_quality.png``, ``summary.json`` and ``config.toml``.
 
 Orientation-map files
 ---------------------
@@ -384,29 +386,25 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     """
     from orix import io as orix_io
 
-    from dpm.maps import ipf_colors, save_rgb, save_scalar
+    from dpm.maps import save_scalar, write_ipf_maps, write_property_maps
 
     out = prepare_output_dir(out)
     xmap = result.xmap
     grid = result.config.grid
-    paths = [out / "map.h5", out / "map.ang", out / "ipf_z.png", out / "scores.png",
-             out / "summary.json", out / "config.toml"]
+    shape = result.scores.shape
+    paths = [out / "map.h5", out / "map.ang", out / "summary.json", out / "config.toml"]
     orix_io.save(str(paths[0]), xmap, overwrite=True)
-    write_ang(xmap, paths[1], grid=grid, map_shape=result.scores.shape)
+    write_ang(xmap, paths[1], grid=grid, map_shape=shape)
     if grid == "square":
-        paths.append(write_ctf(xmap, out / "map.ctf", map_shape=result.scores.shape))
+        paths.append(write_ctf(xmap, out / "map.ctf", map_shape=shape))
     else:
         log.info("no map.ctf: the .ctf format has no hexagonal grid (map.ang has it)")
-    save_rgb(paths[2], ipf_colors(xmap, "z"))
-    save_scalar(paths[3], result.scores, cmap="gray", vmin=0.0)
-    if result.band_contrast is not None:
-        paths.append(out / "band_contrast.png")
-        save_scalar(paths[-1], result.band_contrast, cmap="gray", vmin=0.0, vmax=255.0)
+    paths += write_ipf_maps(xmap, out) + write_property_maps(xmap, out, shape)
     if "pattern_quality" in xmap.prop:
         paths.append(out / "pattern_quality.png")
-        save_scalar(paths[-1], np.asarray(xmap.prop["pattern_quality"]).reshape(result.scores.shape),
+        save_scalar(paths[-1], np.asarray(xmap.prop["pattern_quality"]).reshape(shape),
                     cmap="gray", vmin=0.0)
     summary = result.summary() | (extra_summary or {})
-    paths[4].write_text(json.dumps(summary, indent=2) + "\n")
-    paths[5].write_text(to_toml(result.config.to_dict()))
+    paths[2].write_text(json.dumps(summary, indent=2) + "\n")
+    paths[3].write_text(to_toml(result.config.to_dict()))
     return paths
