@@ -195,8 +195,12 @@ class GrainMap:
         return ~self.hagb & (self.pair_angle >= self.config.low_angle)
 
 
-def _qmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamilton product of quaternions ``(..., 4)`` ``(a, b, c, d)``."""
+def quaternion_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product ``a b`` of quaternion arrays ``(..., 4)`` ``(a, b, c, d)``, broadcast.
+
+    Plain float arrays for hot loops; orix's ``Rotation * Rotation`` is the
+    same product on its objects.
+    """
     a0, a1, a2, a3 = np.moveaxis(a, -1, 0)
     b0, b1, b2, b3 = np.moveaxis(b, -1, 0)
     return np.stack([a0 * b0 - a1 * b1 - a2 * b2 - a3 * b3,
@@ -205,13 +209,14 @@ def _qmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
                      a0 * b3 + a1 * b2 - a2 * b1 + a3 * b0], axis=-1)
 
 
-def _conj(q: np.ndarray) -> np.ndarray:
+def quaternion_conjugate(q: np.ndarray) -> np.ndarray:
+    """Conjugate (the inverse of a unit quaternion) of quaternions ``(..., 4)``."""
     return q * np.array([1.0, -1.0, -1.0, -1.0])
 
 
 def _cubic_angles(q1: np.ndarray, q2: np.ndarray) -> np.ndarray:
     """Closed-form m-3m disorientation (EbsdLib ``CubicOps``) in degrees."""
-    m = np.abs(_qmul(q1, _conj(q2)))
+    m = np.abs(quaternion_multiply(q1, quaternion_conjugate(q2)))
     a, b, c, d = m[:, 0], m[:, 1], m[:, 2], m[:, 3]
     # Sorting network for 4 values: afterwards a <= b <= c <= d.
     a, b = np.minimum(a, b), np.maximum(a, b)
@@ -368,10 +373,10 @@ def align_to(q: np.ndarray, ref: np.ndarray, ops: np.ndarray) -> np.ndarray:
     out = np.empty_like(q)
     for s in range(0, len(q), CHUNK):
         qc = q[s:s + CHUNK]
-        dots = _qmul(ref[s:s + CHUNK], _conj(qc)) @ ops.T
+        dots = quaternion_multiply(ref[s:s + CHUNK], quaternion_conjugate(qc)) @ ops.T
         k = np.argmax(np.abs(dots), axis=1)
         sign = np.sign(dots[np.arange(len(k)), k])
-        out[s:s + CHUNK] = _qmul(ops[k], qc) * np.where(sign < 0, -1.0, 1.0)[:, None]
+        out[s:s + CHUNK] = quaternion_multiply(ops[k], qc) * np.where(sign < 0, -1.0, 1.0)[:, None]
     return out
 
 

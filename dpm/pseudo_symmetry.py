@@ -70,8 +70,8 @@ import numpy as np
 
 from dpm import backend
 from dpm.detector import Detector, as_detector
-from dpm.grains import (CHUNK, Grid, GrainConfig, _conj, _qmul, check_grid, disorientation_angles,
-                        reconstruct_grains)
+from dpm.grains import (CHUNK, GrainConfig, Grid, check_grid, disorientation_angles,
+                        quaternion_conjugate, quaternion_multiply, reconstruct_grains)
 from dpm.master import MasterPattern
 from dpm.refine import (RefineConfig, RefinementMaster, _symmetry_quaternions, distinct_starts,
                         refine, refinement_master)
@@ -260,7 +260,7 @@ def pseudo_symmetry_variants(operator: np.ndarray, point_group: Symmetry) -> np.
     ops = np.asarray(point_group.laue_proper_subgroup.data, dtype=np.float64)
     m = np.asarray(operator, dtype=np.float64)
     m = m / np.linalg.norm(m)
-    products = np.concatenate([_qmul(m[None], ops), _qmul(_conj(m)[None], ops)])
+    products = np.concatenate([quaternion_multiply(m[None], ops), quaternion_multiply(quaternion_conjugate(m)[None], ops)])
     # The identity first: products equivalent to it are symmetries, not alternatives.
     ranked = np.concatenate([[[1.0, 0.0, 0.0, 0.0]], products])
     keep = distinct_starts(ranked[None], ops, _SAME_ANGLE)[0]
@@ -274,7 +274,7 @@ def pseudo_symmetry_variants(operator: np.ndarray, point_group: Symmetry) -> np.
 def alternatives(quaternions: np.ndarray, variants: np.ndarray) -> np.ndarray:
     """(n, k, 4) pseudo-symmetric alternatives ``x_j o`` of each orientation ``o`` (n, 4)."""
     q = np.asarray(quaternions, dtype=np.float64)
-    return _qmul(variants[None, :, :], q[:, None, :])
+    return quaternion_multiply(variants[None, :, :], q[:, None, :])
 
 
 def _nearest_alternative(q: np.ndarray, targets: np.ndarray, variants: np.ndarray,
