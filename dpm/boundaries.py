@@ -494,9 +494,6 @@ def save_trace_rose(path: str | Path, traces: BoundaryTraces) -> None:
     traces
         From :func:`boundary_traces`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -542,12 +539,6 @@ def write_trace_table(traces: BoundaryTraces, path: str | Path) -> None:
 
     Booleans are written ``0``/``1``; floats with 8 significant digits.
     """
-    import csv
+    from dpm.grains import write_csv_table
 
-    cols = [np.asarray(getattr(traces, f"pair_{c}")) for c in TRACE_COLUMNS]
-    text = [c.astype(np.int64).astype(str) if c.dtype.kind in "biu" else np.char.mod("%.8g", c)
-            for c in cols]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(TRACE_COLUMNS)
-        writer.writerows(zip(*(t.tolist() for t in text)))
+    write_csv_table({c: getattr(traces, f"pair_{c}") for c in TRACE_COLUMNS}, path)

@@ -523,12 +523,16 @@ def pore_positions(labels: np.ndarray, grid: Grid = "square") -> dict[str, Any]:
     >>> d["n_pores"], d["pores_on_boundaries"], d["pores_at_map_edge"]
     (2, 1, 1)
     """
+    return _pore_positions(np.asarray(labels), neighbour_pairs(np.shape(labels), grid))
+
+
+def _pore_positions(labels: np.ndarray, pairs: np.ndarray) -> dict[str, Any]:
+    """:func:`pore_positions` from the map's face-neighbour ``pairs`` (all of them)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    lab = np.asarray(labels).ravel()
-    ny, nx = np.shape(labels)
-    pairs = neighbour_pairs((ny, nx), grid)
+    lab = labels.ravel()
+    ny, nx = labels.shape
     a, b = lab[pairs[:, 0]], lab[pairs[:, 1]]
     joined = pairs[(a < 0) & (b < 0)]
     n = lab.size
@@ -635,8 +639,8 @@ def reconstruct_grains(quaternions: np.ndarray, indexed: np.ndarray, map_shape: 
     if not ok.any():
         raise ValueError("Expected at least one indexed pixel, got none")
 
-    pairs = neighbour_pairs((ny, nx), config.grid)
-    pairs = pairs[ok[pairs[:, 0]] & ok[pairs[:, 1]]]
+    faces = neighbour_pairs((ny, nx), config.grid)
+    pairs = faces[ok[faces[:, 0]] & ok[faces[:, 1]]]
     angle = disorientation_angles(q[pairs[:, 0]], q[pairs[:, 1]], point_group)
     joined = pairs[angle < config.high_angle]
     graph = coo_matrix((np.ones(len(joined), dtype=np.int8), (joined[:, 0], joined[:, 1])), shape=(n, n))
@@ -652,7 +656,7 @@ def reconstruct_grains(quaternions: np.ndarray, indexed: np.ndarray, map_shape: 
     table = _grain_table(q, lab, pix, pairs, (ny, nx), point_group, config)
     kam = kernel_average_misorientation(lab.reshape(ny, nx), pairs, angle, config.kam_threshold)
     summary = (_summary(table, lab, pairs, angle, config) | astm_e2627(table, config)
-               | pore_positions(lab.reshape(ny, nx), config.grid))
+               | _pore_positions(lab.reshape(ny, nx), faces))
     summary["mean_kam_deg"] = float(np.nanmean(kam)) if np.isfinite(kam).any() else float("nan")
     return GrainMap(lab.reshape(ny, nx), pairs, angle, table, summary, config, kam)
 
@@ -765,11 +769,20 @@ def write_grain_table(grain_map: GrainMap, path: str | Path) -> None:
 
     Booleans are written ``0``/``1``; floats with 8 significant digits.
     """
-    cols = [grain_map.table[c] for c in COLUMNS]
-    text = [c.astype(np.int64).astype(str) if c.dtype.kind in "biu" else np.char.mod("%.8g", c) for c in cols]
+    write_csv_table({c: grain_map.table[c] for c in COLUMNS}, path)
+
+
+def write_csv_table(columns: dict[str, np.ndarray], path: str | Path) -> None:
+    """Write equal-length columns as CSV: a header of their names, then one row per entry.
+
+    Booleans and integers are written as integers (``0``/``1`` for flags);
+    floats with 8 significant digits.
+    """
+    text = [np.asarray(c).astype(np.int64).astype(str) if np.asarray(c).dtype.kind in "biu"
+            else np.char.mod("%.8g", np.asarray(c)) for c in columns.values()]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
+        writer.writerow(list(columns))
         writer.writerows(zip(*(t.tolist() for t in text)))
 
 

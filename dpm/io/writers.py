@@ -242,7 +242,7 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
     """
     from orix.quaternion import Rotation
 
-    from dpm.grains import check_grid
+    from dpm.grains import check_grid, pixel_coordinates
     from dpm.io.readers import ANG_PADDING
 
     check_grid(grid)
@@ -255,17 +255,17 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
     columns["CI"][unindexed] = ANG_PADDING["ci"]
     columns["fit"][unindexed] = ANG_PADDING["fit"]
     row, col = np.divmod(np.arange(ny * nx), nx)
+    x, y = pixel_coordinates((ny, nx), grid, step)
     keep = np.ones(ny * nx, dtype=bool)
     if grid == "hexagonal":
         ystep = step * math.sqrt(3) / 2
-        x = (col + 0.5 * (row % 2)) * step
         last = (row % 2 == 1) & (col == nx - 1)
         padding = unindexed & (columns["IQ"] == 0) & (columns["detector_signal"] == 0)
         if nx > 1 and ny > 1 and padding[last].all():
             keep = ~last
         grid_name, n_even = "HexGrid", nx - 1 if not keep.all() else nx
     else:
-        ystep, x, grid_name, n_even = step, col * step, "SqrGrid", nx
+        ystep, grid_name, n_even = step, "SqrGrid", nx
     header = ["# TEM_PIXperUM          1.000000", "# x-star                0.000000",
               "# y-star                0.000000", "# z-star                0.000000",
               "# WorkingDistance       0.000000", "#"]
@@ -280,7 +280,7 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
     header += [f"# GRID: {grid_name}", f"# XSTEP: {step:.6f}", f"# YSTEP: {ystep:.6f}",
                f"# NCOLS_ODD: {nx}", f"# NCOLS_EVEN: {n_even}", f"# NROWS: {ny}", "#",
                "# OPERATOR: \tdpm", "#", "# SAMPLEID: \t", "#", "# SCANID: \t", "#"]
-    data = np.column_stack([euler, x, row * ystep, columns["IQ"], columns["CI"], number,
+    data = np.column_stack([euler, x, y, columns["IQ"], columns["CI"], number,
                             columns["detector_signal"], columns["fit"]])[keep]
     with open(path, "w", encoding="latin-1") as f:
         f.write("\n".join(header) + "\n")
