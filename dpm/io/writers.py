@@ -31,6 +31,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,39 @@ CTF_NO_SOLUTION = 3
 
 class OutputError(OSError):
     """An output folder or file cannot be written."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Write a file so that it is either complete or absent, never half written.
+
+    ``write(tmp)`` writes the content to a temporary file beside ``path``;
+    it is flushed to disk and renamed onto ``path`` (``os.replace``, atomic on
+    POSIX file systems). If writing fails (full disk, permissions, an
+    exception in ``write``, a kill), ``path`` keeps its previous content or
+    stays absent, and the temporary file is removed (after a kill, a
+    ``.tmp-*`` file may be left; it is never mistaken for a result).
+
+    Raises
+    ------
+    OutputError
+        Naming the file and the reason, when the operating system refuses
+        the write (e.g. ``No space left on device``).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path} ({e.strerror or e}); files written before "
+                          "are kept") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def prepare_output_dir(out: str | Path) -> Path:
