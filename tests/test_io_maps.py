@@ -1,9 +1,11 @@
 """Orientation-map files: dpm's .ang (square and HexGrid) and .ctf writers and its map reader.
 
 Oracles: orix's own readers (``orix.io.load``) for what dpm writes, a header
-checked by hand, hexagonal pixel positions computed point by point from the
-TSL HexGrid definition, and a HexGrid file written here line by line as TSL
-writes them (``NCOLS_EVEN = NCOLS_ODD − 1``).
+checked by hand against the TSL and Channel 5 layouts (as orix's test files
+lay them out), hexagonal pixel positions computed point by point from the
+TSL HexGrid definition, a HexGrid file written here line by line as TSL
+writes them (``NCOLS_EVEN = NCOLS_ODD − 1``), and kikuchipy's
+``EBSDDetector`` for the pattern centre in TSL's convention.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from orix.quaternion import Orientation, Rotation
 
 from dpm.crystal import get_phase
 from dpm.io.readers import ANG_PADDING, MapFileError, map_layout, read_map
+from dpm.detector import Detector
 from dpm.io.writers import write_ang, write_ctf, write_index_outputs
 
 STEP = 0.5
@@ -41,6 +44,22 @@ def _map(ny: int = 4, nx: int = 5, seed: int = 0, unindexed=(3, 7)) -> CrystalMa
              "readable": np.ones(n, dtype=bool)}
     return CrystalMap(Rotation.random(n), phase_id=phase_id, x=x * STEP, y=y * STEP,
                       phase_list=PhaseList(get_phase("li")), prop=props, scan_unit="um")
+
+
+def _two_phase_map(ny: int = 4, nx: int = 5) -> CrystalMap:
+    """Li (id 0) left, Na (id 1) right, pixel 6 unindexed."""
+    n = ny * nx
+    phase_id = np.where(np.arange(n) % nx < nx // 2, 0, 1)
+    phase_id[6] = -1
+    y, x = np.divmod(np.arange(n), nx)
+    return CrystalMap(Rotation.random(n), phase_id=phase_id, x=x * STEP, y=y * STEP,
+                      phase_list=PhaseList([get_phase("li"), get_phase("na")]), scan_unit="um")
+
+
+def _rotation_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Angles (radians) between rotations given as quaternions, no crystal symmetry."""
+    dot = np.abs(np.sum(np.asarray(a).reshape(-1, 4) * np.asarray(b).reshape(-1, 4), axis=1))
+    return 2 * np.arccos(np.clip(dot, 0.0, 1.0))
 
 
 def _angles(a: CrystalMap, b: CrystalMap, mask: np.ndarray) -> np.ndarray:
@@ -133,6 +152,105 @@ class TestWriteAng:
         read = orix_io.load(str(write_ang(multi, tmp_path / "m.ang")), autogen_names=False)
         assert _angles(xmap, read, np.ones(6, bool)).max() <= 1e-3
 
+    def test_orix_reads_every_column(self, tmp_path):
+        """Rotations to the printed 1e-6 rad, x/y, phase, IQ, CI, detector signal, fit."""
+        xmap = _map()
+        rng = np.random.default_rng(5)
+        xmap.prop["detector_signal"] = rng.uniform(0, 1000, xmap.size)
+        xmap.prop["fit"] = rng.uniform(0, 3, xmap.size)
+        read = orix_io.load(str(write_ang(xmap, tmp_path / "map.ang")), autogen_names=False)
+        indexed = xmap.phase_id >= 0
+        assert _rotation_angles(read.rotations.data[indexed], xmap.rotations.data[indexed]).max() < 1e-4
+        np.testing.assert_allclose(read.rotations.to_euler()[indexed],
+                                   xmap.rotations.to_euler()[indexed], atol=1e-4)
+        assert _angles(xmap, read, indexed).max() < 0.01
+        np.testing.assert_allclose(read.x, xmap.x, atol=1e-5)
+        np.testing.assert_allclose(read.y, xmap.y, atol=1e-5)
+        np.testing.assert_array_equal(read.phase_id, np.where(indexed, 1, -1))  # TSL numbers from 1
+        np.testing.assert_allclose(read.prop["iq"], xmap.prop["pattern_quality"], atol=1e-5)
+        np.testing.assert_allclose(read.prop["ci"][indexed], xmap.prop["scores"][indexed], atol=1e-5)
+        np.testing.assert_allclose(read.prop["detector_signal"], xmap.prop["detector_signal"], atol=1e-5)
+        np.testing.assert_allclose(read.prop["fit"][indexed], xmap.prop["fit"][indexed], atol=1e-5)
+
+    def test_two_phases(self, tmp_path):
+        xmap = _two_phase_map()
+        read = orix_io.load(str(write_ang(xmap, tmp_path / "two.ang")), autogen_names=False)
+        names = {int(i): read.phases[int(i)].name for i in read.phases.ids if i >= 0}
+        assert names == {1: "li", 2: "na"}
+        np.testing.assert_array_equal(read.phase_id, np.where(xmap.phase_id >= 0, xmap.phase_id + 1, -1))
+        indexed = xmap.phase_id >= 0
+        assert _rotation_angles(read.rotations.data[indexed], xmap.rotations.data[indexed]).max() < 1e-4
+
+    def test_header_follows_the_tsl_layout(self, tmp_path):
+        """The header keys in the order TSL OIM writes them (orix's TSL test header)."""
+        text = write_ang(_map(2, 3, unindexed=()), tmp_path / "map.ang").read_text().splitlines()
+        keys = [line[2:].replace(":", " ").split()[0] for line in text
+                if line.startswith("# ") and line[2:].strip()]
+        assert keys == ["TEM_PIXperUM", "x-star", "y-star", "z-star", "WorkingDistance",
+                        "Phase", "MaterialName", "Formula", "Info", "Symmetry", "LatticeConstants",
+                        "NumberFamilies", "GRID", "XSTEP", "YSTEP", "NCOLS_ODD", "NCOLS_EVEN",
+                        "NROWS", "OPERATOR", "SAMPLEID", "SCANID"]
+        assert text[:5] == ["# TEM_PIXperUM          1.000000", "# x-star                0.000000",
+                            "# y-star                0.000000", "# z-star                0.000000",
+                            "# WorkingDistance       0.000000"]  # no detector: PC unknown
+        assert len(_data_lines(tmp_path / "map.ang")[0]) == 10  # TSL's ten columns
+
+    @pytest.mark.parametrize(("shape", "tsl"), [((60, 80), (0.42, 0.79, 0.55)),
+                                                ((80, 60), (0.42, 0.79, 0.55 * 80 / 60))])
+    def test_pattern_centre_in_tsl_convention(self, tmp_path, shape, tsl):
+        """Bruker (0.42, 0.21, 0.55): x* = x, y* = 1 − y, z* = z · Ny / min(Nx, Ny)."""
+        from kikuchipy.detectors import EBSDDetector
+
+        pc = (0.42, 0.21, 0.55)
+        truth = EBSDDetector(shape=shape, pc=pc, convention="bruker").pc_tsl().reshape(3)
+        np.testing.assert_allclose(truth, tsl)
+        for detector in (Detector(shape, pc), EBSDDetector(shape=shape, pc=pc)):
+            text = write_ang(_map(), tmp_path / "pc.ang", detector=detector).read_text()
+            star = [float(line.split()[2]) for line in text.splitlines()[1:4]]
+            assert [line.split()[1] for line in text.splitlines()[1:4]] == ["x-star", "y-star", "z-star"]
+            np.testing.assert_allclose(star, truth, atol=1e-6)
+            # and back: the header's PC in TSL's convention is the Bruker PC written
+            back = EBSDDetector(shape=shape, pc=star, convention="tsl").pc.reshape(3)
+            np.testing.assert_allclose(back, pc, atol=1e-6)
+            assert orix_io.load(str(tmp_path / "pc.ang")).size == 20
+
+    def test_two_dimensional_properties_are_left_out(self, tmp_path):
+        """A map with the dictionary's top-k (n, keep) properties: each column takes the first."""
+        xmap = _map()
+        rng = np.random.default_rng(2)
+        xmap.prop["topk_scores"] = rng.uniform(0, 1, (xmap.size, 3)).astype(np.float32)
+        xmap.prop["topk_indices"] = rng.integers(0, 10_000, (xmap.size, 3))
+        xmap.prop["pcx"] = rng.uniform(0.4, 0.6, xmap.size)
+        path = write_ang(xmap, tmp_path / "k.ang")
+        assert len(_data_lines(path)[0]) == 10
+        read = orix_io.load(str(path), autogen_names=False)
+        indexed = xmap.phase_id >= 0
+        np.testing.assert_allclose(read.prop["ci"][indexed], xmap.prop["scores"][indexed], atol=1e-5)
+        assert _rotation_angles(read.rotations.data[indexed], xmap.rotations.data[indexed]).max() < 1e-4
+
+    def test_two_dimensional_scores_give_the_best(self, tmp_path):
+        """Unrefined maps: (n, keep) rotations and scores; CI is the best (first) score."""
+        xmap = _map(2, 3, unindexed=())
+        q = np.stack([xmap.rotations.data, Rotation.random(6).data], axis=1)
+        scores = np.stack([xmap.prop["scores"], xmap.prop["scores"] / 2], axis=1)
+        multi = CrystalMap(Rotation(q), x=xmap.x, y=xmap.y, phase_list=xmap.phases,
+                           prop={"scores": scores}, scan_unit="um")
+        read = orix_io.load(str(write_ang(multi, tmp_path / "m.ang")), autogen_names=False)
+        np.testing.assert_allclose(read.prop["ci"], scores[:, 0], atol=1e-5)
+
+    def test_hexagonal_orix_reads_positions_and_columns(self, tmp_path):
+        ny, nx = 5, 4
+        xmap = _map(ny, nx)
+        read = orix_io.load(str(write_ang(xmap, tmp_path / "hex.ang", grid="hexagonal")),
+                            autogen_names=False)
+        truth = _hex_positions(ny, [nx, nx], STEP)
+        np.testing.assert_allclose(np.column_stack([read.x, read.y]), truth, atol=1e-5)
+        indexed = xmap.phase_id >= 0
+        np.testing.assert_array_equal(read.phase_id >= 0, indexed)
+        assert _rotation_angles(read.rotations.data[indexed], xmap.rotations.data[indexed]).max() < 1e-4
+        np.testing.assert_allclose(read.prop["iq"], xmap.prop["pattern_quality"], atol=1e-5)
+        np.testing.assert_allclose(read.prop["ci"][indexed], xmap.prop["scores"][indexed], atol=1e-5)
+
     def test_unknown_grid(self, tmp_path):
         with pytest.raises(ValueError, match="grid must be"):
             write_ang(_map(), tmp_path / "m.ang", grid="triangular")
@@ -170,6 +288,65 @@ class TestWriteCtf:
                                              "li", "11", "229"]
         assert lines[14] == "Phase\tX\tY\tBands\tError\tEuler1\tEuler2\tEuler3\tMAD\tBC\tBS"
         assert len(lines) == 15 + 6
+
+    def test_orix_reads_every_column(self, tmp_path):
+        """Rotations to the printed 1e-4°, x/y, phase, Bands, Error, MAD, BC, BS."""
+        xmap = _map()
+        rng = np.random.default_rng(6)
+        n = xmap.size
+        xmap.prop["bands"] = rng.integers(3, 12, n)
+        xmap.prop["error"] = np.where(rng.uniform(size=n) < 0.2, 4, 0)  # 4: an Oxford code kept
+        xmap.prop["MAD"] = rng.uniform(0.1, 1.5, n)
+        read = orix_io.load(str(write_ctf(xmap, tmp_path / "map.ctf")))
+        indexed = xmap.phase_id >= 0
+        assert _rotation_angles(read.rotations.data[indexed], xmap.rotations.data[indexed]).max() < 1e-4
+        np.testing.assert_allclose(read.rotations.to_euler()[indexed],
+                                   xmap.rotations.to_euler()[indexed], atol=1e-4)
+        assert _angles(xmap, read, indexed).max() < 0.01
+        np.testing.assert_allclose(read.x, xmap.x, atol=1e-4)
+        np.testing.assert_allclose(read.y, xmap.y, atol=1e-4)
+        np.testing.assert_array_equal(read.phase_id, np.where(indexed, 1, -1))
+        np.testing.assert_array_equal(read.prop["bands"], xmap.prop["bands"])
+        error = np.where(indexed | (xmap.prop["error"] != 0), xmap.prop["error"], 3)
+        np.testing.assert_array_equal(read.prop["error"], error)
+        np.testing.assert_allclose(read.prop["MAD"], xmap.prop["MAD"], atol=1e-4)
+        np.testing.assert_array_equal(read.prop["BC"], np.rint(xmap.prop["band_contrast"]))
+        np.testing.assert_array_equal(read.prop["BS"], np.rint(255 * xmap.prop["pattern_quality"]))
+
+    def test_two_phases(self, tmp_path):
+        xmap = _two_phase_map()
+        read = orix_io.load(str(write_ctf(xmap, tmp_path / "two.ctf")))
+        names = {int(i): read.phases[int(i)].name for i in read.phases.ids if i >= 0}
+        assert names == {1: "li", 2: "na"}
+        assert read.phases[2].space_group.number == 229
+        np.testing.assert_array_equal(read.phase_id, np.where(xmap.phase_id >= 0, xmap.phase_id + 1, -1))
+
+    def test_header_follows_the_channel5_layout(self, tmp_path):
+        """Line by line as Channel 5 / AZtec write it (orix's Oxford test header)."""
+        det = Detector((60, 80), (0.5, 0.3, 0.6), sample_tilt=69.5)
+        lines = write_ctf(_map(2, 3, unindexed=(3,)), tmp_path / "scan.ctf",
+                          detector=det).read_text().splitlines()
+        keys = [line.split("\t")[0] for line in lines[:11]]
+        assert keys == ["Channel Text File", "Prj", "Author", "JobMode", "XCells", "YCells",
+                        "XStep", "YStep", "AcqE1", "AcqE2", "AcqE3"]
+        assert lines[1] == "Prj\tscan" and lines[3] == "JobMode\tGrid"
+        fields = lines[11].split("\t")
+        assert fields[0] == "Euler angles refer to Sample Coordinate system (CS0)!"
+        assert fields[1::2] == ["Mag", "Coverage", "Device", "KV", "TiltAngle", "TiltAxis"]
+        assert float(fields[fields.index("TiltAngle") + 1]) == 69.5
+        assert lines[12] == "Phases\t1"
+        assert len(lines[15].split("\t")) == 11
+
+    def test_two_dimensional_properties_are_left_out(self, tmp_path):
+        xmap = _map()
+        rng = np.random.default_rng(3)
+        xmap.prop["topk_scores"] = rng.uniform(0, 1, (xmap.size, 4)).astype(np.float32)
+        xmap.prop["topk_indices"] = rng.integers(0, 10_000, (xmap.size, 4))
+        path = write_ctf(xmap, tmp_path / "k.ctf")
+        read = orix_io.load(str(path))
+        assert read.size == 20 and len(path.read_text().splitlines()[-1].split("\t")) == 11
+        np.testing.assert_array_equal(read.prop["BC"], np.rint(xmap.prop["band_contrast"]))
+
 
 
 class TestReadMap:
@@ -320,13 +497,37 @@ def test_map_layout_rejects_column_major_order():
         map_layout(CrystalMap(Rotation.identity(12), x=x * 1.0, y=y * 1.0))
 
 
-def _index_result(xmap: CrystalMap, grid: str):
+def _index_result(xmap: CrystalMap, grid: str, details: dict | None = None):
     """The parts of an IndexResult that write_index_outputs reads."""
     ny, nx = 4, 5
     config = SimpleNamespace(grid=grid, to_dict=lambda: {"grid": grid})
-    return SimpleNamespace(xmap=xmap, config=config, scores=xmap.prop["scores"].reshape(ny, nx),
+    best = np.asarray(xmap.prop["scores"]).reshape(ny * nx, -1)[:, 0]
+    return SimpleNamespace(xmap=xmap, config=config, scores=best.reshape(ny, nx),
                            band_contrast=xmap.prop["band_contrast"].reshape(ny, nx),
-                           summary=lambda: {"patterns": ny * nx})
+                           details=details or {}, summary=lambda: {"patterns": ny * nx})
+
+
+def _pipeline_map(keep: int = 4) -> CrystalMap:
+    """A map with every per-pixel property dpm.index puts on a refined map."""
+    xmap = _map()
+    n = xmap.size
+    rng = np.random.default_rng(11)
+    xmap.prop.update({
+        "topk_indices": rng.integers(0, 100_000, (n, keep)).astype(np.int64),
+        "topk_scores": np.sort(rng.uniform(0, 1, (n, keep)), axis=1)[:, ::-1].astype(np.float32),
+        "replaced": rng.uniform(size=n) < 0.3, "despiked": rng.uniform(size=n) < 0.3,
+        "filled": rng.uniform(size=n) < 0.3, "pseudo_symmetry": rng.uniform(size=n) < 0.3,
+        "readable": rng.uniform(size=n) < 0.9,
+        "dictionary_score": rng.uniform(0, 1, n).astype(np.float32),
+        "simulation_index": rng.integers(0, 100_000, n).astype(np.int64),
+        "refinement_iterations": rng.integers(0, 60, n).astype(np.int32),
+        "pcx": rng.uniform(0.4, 0.6, n), "pcy": rng.uniform(0.2, 0.3, n),
+        "pcz": rng.uniform(0.5, 0.7, n)})
+    return xmap
+
+
+def _props_of(xmap: CrystalMap) -> dict[str, np.ndarray]:
+    return {name: np.array(xmap.prop[name]) for name in xmap.prop}
 
 
 @pytest.mark.parametrize("grid", ["square", "hexagonal"])
@@ -340,6 +541,77 @@ def test_index_outputs_write_maps_on_the_run_grid(tmp_path, grid):
         read = orix_io.load(str(tmp_path / "map.ctf"))
         assert _angles(xmap, read, xmap.phase_id >= 0).max() <= 1e-3
     assert json.loads((tmp_path / "summary.json").read_text()) == {"patterns": 20}
+
+
+class TestIndexOutputsMapH5:
+    def test_orix_gives_back_every_property(self, tmp_path):
+        """(n,), (n, keep) and boolean properties: same values, same dtypes."""
+        xmap = _pipeline_map()
+        truth = _props_of(xmap)
+        write_index_outputs(_index_result(xmap, "square"), tmp_path)
+        read = orix_io.load(str(tmp_path / "map.h5"))
+        assert set(read.prop) == set(truth)
+        for name, values in truth.items():
+            got = np.asarray(read.prop[name])
+            assert (got.dtype, got.shape) == (values.dtype, values.shape), name
+            np.testing.assert_array_equal(got, values, err_msg=name)
+        assert read.prop["topk_indices"].shape == (20, 4) and read.prop["readable"].dtype == bool
+        np.testing.assert_array_equal(read.phase_id, xmap.phase_id)
+        np.testing.assert_array_equal(read.x, xmap.x)
+        np.testing.assert_array_equal(read.y, xmap.y)
+        assert _rotation_angles(read.rotations.data, xmap.rotations.data).max() < 1e-6
+        assert read.phases[0].name == "li" and read.phases[0].space_group.number == 229
+
+    def test_read_map_gives_back_every_property(self, tmp_path):
+        xmap = _pipeline_map()
+        truth = _props_of(xmap)
+        write_index_outputs(_index_result(xmap, "square"), tmp_path)
+        m = read_map(tmp_path / "map.h5")
+        assert (m.grid, m.map_shape, m.step_size) == ("square", (4, 5), STEP)
+        for name, values in truth.items():
+            got = np.asarray(m.xmap.prop[name])
+            assert got.dtype == values.dtype, name
+            np.testing.assert_array_equal(got, values, err_msg=name)
+
+    def test_unrefined_map_keeps_every_match(self, tmp_path):
+        """keep rotations per pixel in map.h5; .ang and .ctf take the best."""
+        xmap = _map()
+        keep = 3
+        q = np.stack([xmap.rotations.data] + [Rotation.random(20).data for _ in range(keep - 1)], axis=1)
+        scores = np.sort(np.random.default_rng(1).uniform(0, 1, (20, keep)), axis=1)[:, ::-1]
+        props = {"scores": scores.astype(np.float32),
+                 "simulation_indices": np.arange(20 * keep).reshape(20, keep),
+                 "band_contrast": xmap.prop["band_contrast"], "readable": np.ones(20, bool)}
+        multi = CrystalMap(Rotation(q), phase_id=xmap.phase_id, x=xmap.x, y=xmap.y,
+                           phase_list=xmap.phases, prop=props, scan_unit="um")
+        write_index_outputs(_index_result(multi, "square"), tmp_path)
+        read = orix_io.load(str(tmp_path / "map.h5"))
+        assert read.rotations_per_point == keep
+        assert _rotation_angles(read.rotations.data, q).max() < 1e-6
+        np.testing.assert_array_equal(read.prop["simulation_indices"], props["simulation_indices"])
+        np.testing.assert_array_equal(read.prop["scores"], props["scores"])
+        indexed = xmap.phase_id >= 0
+        for suffix in ("ang", "ctf"):
+            other = orix_io.load(str(tmp_path / f"map.{suffix}"))
+            assert _rotation_angles(other.rotations.data[indexed], q[indexed, 0]).max() < 1e-4
+        ang = orix_io.load(str(tmp_path / "map.ang"))
+        np.testing.assert_allclose(ang.prop["ci"][indexed], scores[indexed, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", ["square", "hexagonal"])
+def test_index_outputs_write_the_pattern_centre(tmp_path, grid):
+    """details' Bruker PC goes into map.ang as TSL x*, y*, z*; the sample tilt into map.ctf."""
+    from kikuchipy.detectors import EBSDDetector
+
+    details = {"pattern_centre": [0.48, 0.27, 0.61], "detector_shape": [60, 80], "sample_tilt": 70.0}
+    write_index_outputs(_index_result(_map(), grid, details), tmp_path)
+    lines = (tmp_path / "map.ang").read_text().splitlines()
+    star = {line.split()[1]: float(line.split()[2]) for line in lines[1:4]}
+    truth = EBSDDetector(shape=(60, 80), pc=details["pattern_centre"]).pc_tsl().reshape(3)
+    np.testing.assert_allclose([star["x-star"], star["y-star"], star["z-star"]], truth, atol=1e-6)
+    if grid == "square":
+        ctf = (tmp_path / "map.ctf").read_text().splitlines()[11].split("\t")
+        assert float(ctf[ctf.index("TiltAngle") + 1]) == 70.0
 
 
 def test_grains_command_takes_the_grid_from_the_file(tmp_path, capsys):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dpm.io.writers import atomic_write
 from dpm.master import MasterPattern
 from dpm.master.lambert import lambert_to_stereographic
 
@@ -123,12 +124,20 @@ def write_master_pattern(mp: MasterPattern, path: str | Path) -> Path:
         Master pattern (one energy, both hemispheres).
     path
         Output file (overwritten). Lattice parameters are written in nm and
-        Debye–Waller factors in nm², as EMsoft does.
+        Debye–Waller factors in nm², as EMsoft does. The file is written
+        whole or not at all (:func:`dpm.io.writers.atomic_write`).
 
     Returns
     -------
     path
         The written file.
+
+    Raises
+    ------
+    ValueError
+        If the phase has no space group.
+    dpm.io.writers.OutputError
+        If the file cannot be written (named in the message).
 
     Examples
     --------
@@ -199,10 +208,13 @@ def write_master_pattern(mp: MasterPattern, path: str | Path) -> Path:
             "xtalname": f"{name}/{name}.xtal",
         }},
     }
-    with h5py.File(path, "w") as f:
-        _write_group(f, content)
-        f[_DATA].attrs["HDF_FileVersion"] = np.bytes_("4.0")
-    return path
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            _write_group(f, content)
+            f[_DATA].attrs["HDF_FileVersion"] = np.bytes_("4.0")
+
+    return atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------- reading

@@ -24,6 +24,21 @@ formats' conventions, as orix's readers expect them:
   image quality and detector signal keep their values.
 - .ctf: Euler angles 0, Error 3 ("no solution"; a non-zero error code of the
   map's ``error`` property is kept), phase 0; the other columns keep their values.
+
+``map.h5``
+----------
+orix's own CrystalMap HDF5 (``orix.io.save``): the rotations as Bunge Euler
+angles (radians; ``(n, k)`` for several rotations per pixel) and every
+property of the map as its own dataset ``crystal_map/data/<name>`` with the
+property's shape and dtype: ``(n,)`` scores, band contrast, PC columns,
+``(n, keep)`` ``topk_indices`` (int64) and ``topk_scores`` (float32), and
+boolean flags (``readable``, ``replaced``, …; h5py's boolean enum). orix
+0.15 writes and reads 2-D and boolean properties as they are, so nothing is
+split or converted.
+
+Every file these writers make is written whole or not at all
+(:func:`atomic_write`); an output folder that cannot take files is reported
+before anything is computed (:func:`prepare_output_dir`).
 """
 
 from __future__ import annotations
@@ -34,9 +49,14 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kikuchipy.detectors import EBSDDetector
+
+    from dpm.detector import Detector
 
 log = logging.getLogger("dpm")
 
@@ -82,18 +102,31 @@ class OutputError(OSError):
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Write a file so that it is either complete or absent, never half written.
 
-    ``write(tmp)`` writes the content to a temporary file beside ``path``;
-    it is flushed to disk and renamed onto ``path`` (``os.replace``, atomic on
-    POSIX file systems). If writing fails (full disk, permissions, an
-    exception in ``write``, a kill), ``path`` keeps its previous content or
-    stays absent, and the temporary file is removed (after a kill, a
-    ``.tmp-*`` file may be left; it is never mistaken for a result).
+    ``write(tmp)`` writes the content to a temporary file beside ``path``
+    (``.tmp-<pid>-<name>``: same folder and file system, same suffix, so
+    writers that choose the format by suffix still do); it is flushed to
+    disk and renamed onto ``path`` (``os.replace``, atomic on POSIX file
+    systems). If writing fails (full disk, permissions, an exception in
+    ``write``, a kill), ``path`` keeps its previous content or stays absent,
+    and the temporary file is removed (after a kill, a ``.tmp-*`` file may be
+    left; it is never mistaken for a result).
+
+    Parameters
+    ----------
+    path
+        The file to write (replaced if it exists).
+    write
+        Writes the whole content to the path it is given.
+
+    Returns
+    -------
+    path
 
     Raises
     ------
     OutputError
         Naming the file and the reason, when the operating system refuses
-        the write (e.g. ``No space left on device``).
+        the write (e.g. ``No space left on device``, ``File too large``).
     """
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
@@ -104,7 +137,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path} ({e.strerror or e}); files written before "
+        # h5py's strerror is HDF5's whole error stack; the errno says it in a few words
+        reason = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
+        raise OutputError(f"cannot write {path} ({reason}); files written before "
                           "are kept") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -113,13 +148,31 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 
 def prepare_output_dir(out: str | Path) -> Path:
-    """Create ``out`` if needed and check that it is a writable folder."""
+    """Create the folder ``out`` if needed and check that files can be written in it.
+
+    Returns
+    -------
+    out : Path
+
+    Raises
+    ------
+    OutputError
+        Naming the folder, if ``out`` is an existing file, cannot be created
+        (e.g. a part of its path is a file, or permission denied) or does
+        not take new files.
+    """
+    import tempfile
+
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output folder {out} is an existing file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".dpm-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"output folder {out} cannot be created ({e.strerror or e})") from None
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
     except OSError as e:
         raise OutputError(f"output folder {out} is not writable ({e.strerror or e})") from None
     return out
@@ -220,7 +273,8 @@ def _laue_name(phase: Any) -> str:
 
 
 def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
-              map_shape: tuple[int, int] | None = None, step_size: float | None = None) -> Path:
+              map_shape: tuple[int, int] | None = None, step_size: float | None = None,
+              detector: Detector | EBSDDetector | None = None) -> Path:
     """Write an orientation map as an EDAX TSL .ang file, on a square or hexagonal grid.
 
     Columns (TSL's ten): ``phi1 Phi phi2`` (Bunge Euler angles in radians,
@@ -233,6 +287,14 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
     code of the Laue group, :data:`TSL_SYMMETRY`), ``# LatticeConstants``
     (Å, degrees, from the phase's structure), then ``# GRID``, ``# XSTEP``,
     ``# YSTEP`` (µm), ``# NCOLS_ODD``, ``# NCOLS_EVEN`` and ``# NROWS``.
+    Before the phases, ``# x-star``, ``# y-star``, ``# z-star`` hold the
+    ``detector``'s pattern centre in EDAX TSL's convention (fractions of
+    the pattern width, of its height from the bottom edge, and of its
+    shorter side; :meth:`dpm.detector.Detector.pc_in`), 0 without one, as
+    TSL's own and orix's files lay them out. Properties with several values
+    per pixel (e.g. ``topk_scores``) give a column their first value; the
+    others are not written. The file is written whole or not at all
+    (:func:`atomic_write`).
 
     Hexagonal grid (``# GRID: HexGrid``): TSL's rows 1, 3, … (dpm's rows 0,
     2, …) hold ``NCOLS_ODD`` points at ``x = i · XSTEP``, the rows between
@@ -261,6 +323,9 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
         them on either grid).
     step_size
         µm between neighbouring pixels along x; by default the map's x step.
+    detector
+        dpm ``Detector`` or kikuchipy ``EBSDDetector`` whose pattern centre
+        (one PC, e.g. the map's mean) the header states.
 
     Returns
     -------
@@ -270,6 +335,8 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
     ------
     ValueError
         If the grid is unknown or the map's shape cannot be told.
+    OutputError
+        If the file cannot be written (named in the message).
 
     Examples
     --------
@@ -277,6 +344,7 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
     """
     from orix.quaternion import Rotation
 
+    from dpm.detector import as_detector
     from dpm.grains import check_grid, pixel_coordinates
     from dpm.io.readers import ANG_PADDING
 
@@ -301,8 +369,9 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
         grid_name, n_even = "HexGrid", nx - 1 if not keep.all() else nx
     else:
         ystep, grid_name, n_even = step, "SqrGrid", nx
-    header = ["# TEM_PIXperUM          1.000000", "# x-star                0.000000",
-              "# y-star                0.000000", "# z-star                0.000000",
+    pc_tsl = [0.0, 0.0, 0.0] if detector is None else as_detector(detector).pc_in("tsl")
+    header = ["# TEM_PIXperUM          1.000000",
+              *(f"# {name}-star                {v:.6f}" for name, v in zip("xyz", pc_tsl)),
               "# WorkingDistance       0.000000", "#"]
     for k, phase in enumerate(phases, start=1):
         name = phase.name or f"phase{k}"
@@ -317,14 +386,19 @@ def write_ang(xmap: Any, path: str | Path, *, grid: str = "square",
                "# OPERATOR: \tdpm", "#", "# SAMPLEID: \t", "#", "# SCANID: \t", "#"]
     data = np.column_stack([euler, x, y, columns["IQ"], columns["CI"], number,
                             columns["detector_signal"], columns["fit"]])[keep]
+    return atomic_write(path, lambda tmp: _write_text_table(
+        tmp, header, data, "%9.6f %9.6f %9.6f %12.5f %12.5f %12.5f %9.5f %2d %9.5f %9.5f"))
+
+
+def _write_text_table(path: Path, header: list[str], data: np.ndarray, fmt: str) -> None:
     with open(path, "w", encoding="latin-1") as f:
         f.write("\n".join(header) + "\n")
-        np.savetxt(f, data, fmt="%9.6f %9.6f %9.6f %12.5f %12.5f %12.5f %9.5f %2d %9.5f %9.5f")
-    return path
+        np.savetxt(f, data, fmt=fmt)
 
 
 def write_ctf(xmap: Any, path: str | Path, *, map_shape: tuple[int, int] | None = None,
-              step_size: float | None = None) -> Path:
+              step_size: float | None = None,
+              detector: Detector | EBSDDetector | None = None) -> Path:
     """Write an orientation map on a square grid as an Oxford Channel Text File (.ctf).
 
     Columns: ``Phase`` (1 … m, 0 unindexed), ``X Y`` (µm), ``Bands`` ←
@@ -336,8 +410,16 @@ def write_ctf(xmap: Any, path: str | Path, *, map_shape: tuple[int, int] | None 
     ``XCells``, ``YCells``, ``XStep``, ``YStep`` (µm) and, per phase, the
     line ``a;b;c  α;β;γ  name  Laue group  space group`` (Å, degrees,
     Channel 5's Laue group number :data:`CTF_LAUE`, space group 0 when the
-    phase has none). The .ctf format has no hexagonal grid; write hexagonal
-    maps with :func:`write_ang`.
+    phase has none), laid out as Channel 5 and AZtec write them (``Prj``,
+    ``Author``, ``JobMode Grid``, …, ``AcqE1``–``AcqE3``, the ``Euler
+    angles refer to Sample Coordinate system (CS0)!`` line with ``Mag``,
+    ``Coverage``, ``Device``, ``KV``, ``TiltAngle``, ``TiltAxis``). The
+    format has no field for a pattern centre; ``TiltAngle`` is the
+    ``detector``'s sample tilt (degrees; 0 without a detector). The .ctf
+    format has no hexagonal grid; write hexagonal maps with
+    :func:`write_ang`. Properties with several values per pixel give a
+    column their first value; the others are not written. The file is
+    written whole or not at all (:func:`atomic_write`).
 
     Parameters
     ----------
@@ -349,6 +431,9 @@ def write_ctf(xmap: Any, path: str | Path, *, map_shape: tuple[int, int] | None 
         ``(ny, nx)``; by default from the map's coordinates.
     step_size
         µm; by default the map's x step.
+    detector
+        dpm ``Detector`` or kikuchipy ``EBSDDetector`` whose sample tilt the
+        header states.
 
     Returns
     -------
@@ -358,12 +443,16 @@ def write_ctf(xmap: Any, path: str | Path, *, map_shape: tuple[int, int] | None 
     ------
     ValueError
         If the map's shape cannot be told.
+    OutputError
+        If the file cannot be written (named in the message).
 
     Examples
     --------
     >>> write_ctf(result.xmap, "map.ctf")  # doctest: +SKIP
     """
     from orix.quaternion import Rotation
+
+    from dpm.detector import as_detector
 
     path = Path(path)
     q, number, phases, (ny, nx), step = _file_map(xmap, map_shape, step_size)
@@ -375,11 +464,12 @@ def write_ctf(xmap: Any, path: str | Path, *, map_shape: tuple[int, int] | None 
     error[unindexed & (error == 0)] = CTF_NO_SOLUTION
     for name in ("BC", "BS"):
         columns[name] = np.clip(np.rint(columns[name]), 0, 255)
+    tilt = 0.0 if detector is None else as_detector(detector).sample_tilt
     header = ["Channel Text File", f"Prj\t{path.stem}", "Author\tdpm", "JobMode\tGrid",
               f"XCells\t{nx}", f"YCells\t{ny}", f"XStep\t{step:.6f}", f"YStep\t{step:.6f}",
               "AcqE1\t0.0000", "AcqE2\t0.0000", "AcqE3\t0.0000",
               "Euler angles refer to Sample Coordinate system (CS0)!\tMag\t0\tCoverage\t0\t"
-              "Device\t0\tKV\t0\tTiltAngle\t0\tTiltAxis\t0",
+              f"Device\t0\tKV\t0\tTiltAngle\t{tilt:.4f}\tTiltAxis\t0",
               f"Phases\t{len(phases)}"]
     for phase in phases:
         a, b, c, alpha, beta, gamma = _lattice(phase)
@@ -391,19 +481,48 @@ def write_ctf(xmap: Any, path: str | Path, *, map_shape: tuple[int, int] | None 
     row, col = np.divmod(np.arange(ny * nx), nx)
     data = np.column_stack([number, col * step, row * step, columns["Bands"], error, euler,
                             columns["MAD"], columns["BC"], columns["BS"]])
-    with open(path, "w", encoding="latin-1") as f:
-        f.write("\n".join(header) + "\n")
-        np.savetxt(f, data, fmt="%d\t%.4f\t%.4f\t%d\t%d\t%.4f\t%.4f\t%.4f\t%.4f\t%d\t%d")
-    return path
+    return atomic_write(path, lambda tmp: _write_text_table(
+        tmp, header, data, "%d\t%.4f\t%.4f\t%d\t%d\t%.4f\t%.4f\t%.4f\t%.4f\t%d\t%d"))
+
+
+def _index_detector(details: dict[str, Any]) -> Detector | None:
+    """The detector an indexing run's ``details`` describe, for the map files' headers.
+
+    Parameters
+    ----------
+    details
+        :attr:`dpm.pipeline.IndexResult.details`: ``"pattern_centre"``
+        (Bruker PC of the map, fractions, 3 numbers), ``"detector_shape"``
+        (``(rows, columns)`` of the patterns, pixels) and optionally
+        ``"sample_tilt"`` (degrees, default 70°).
+
+    Returns
+    -------
+    detector
+        None if ``details`` lacks the pattern centre or the detector shape
+        (the converted PC depends on the pattern's aspect ratio).
+    """
+    from dpm.detector import Detector
+
+    if details.get("pattern_centre") is None or details.get("detector_shape") is None:
+        return None
+    return Detector(tuple(details["detector_shape"]), tuple(details["pattern_centre"]),
+                    sample_tilt=float(details.get("sample_tilt", 70.0)))
 
 
 def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] | None = None) -> list[Path]:
     """Write the files of an indexing run into ``out``.
 
-    ``map.h5`` (orix, every property), ``map.ang`` (:func:`write_ang`, on the
-    run's grid ``result.config.grid``), and on square grids ``map.ctf``
-    (:func:`write_ctf`), then the PNG maps,
-    ``summary.json`` and ``config.toml``.
+    ``map.h5`` (orix's CrystalMap HDF5 with every property of ``result.xmap``
+    as orix stores it, 2-D ``(n, k)`` and boolean ones included, which
+    ``orix.io.load`` and :func:`dpm.io.readers.read_map` give back with their
+    values and dtypes), ``map.ang`` (:func:`write_ang`, on the run's grid
+    ``result.config.grid``), on square grids ``map.ctf`` (:func:`write_ctf`),
+    then the PNG maps, ``summary.json`` and ``config.toml``. The .ang and
+    .ctf headers take the pattern centre, detector shape and sample tilt
+    from ``result.details`` (:func:`_index_detector`). Every file but the
+    PNG maps (written by :mod:`dpm.maps`) is written whole or not at all
+    (:func:`atomic_write`).
 
     Parameters
     ----------
@@ -418,6 +537,11 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     -------
     paths
         The files written.
+
+    Raises
+    ------
+    OutputError
+        If the folder or a file cannot be written (named in the message).
     """
     from orix import io as orix_io
 
@@ -427,11 +551,12 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     xmap = result.xmap
     grid = result.config.grid
     shape = result.scores.shape
+    detector = _index_detector(result.details)
     paths = [out / "map.h5", out / "map.ang", out / "summary.json", out / "config.toml"]
-    orix_io.save(str(paths[0]), xmap, overwrite=True)
-    write_ang(xmap, paths[1], grid=grid, map_shape=shape)
+    atomic_write(paths[0], lambda tmp: orix_io.save(str(tmp), xmap, overwrite=True))
+    write_ang(xmap, paths[1], grid=grid, map_shape=shape, detector=detector)
     if grid == "square":
-        paths.append(write_ctf(xmap, out / "map.ctf", map_shape=shape))
+        paths.append(write_ctf(xmap, out / "map.ctf", map_shape=shape, detector=detector))
     else:
         log.info("no map.ctf: the .ctf format has no hexagonal grid (map.ang has it)")
     paths += write_ipf_maps(xmap, out) + write_property_maps(xmap, out, shape)
@@ -440,6 +565,6 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
         save_scalar(paths[-1], np.asarray(xmap.prop["pattern_quality"]).reshape(shape),
                     cmap="gray", vmin=0.0)
     summary = result.summary() | (extra_summary or {})
-    paths[2].write_text(json.dumps(summary, indent=2) + "\n")
-    paths[3].write_text(to_toml(result.config.to_dict()))
+    atomic_write(paths[2], lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    atomic_write(paths[3], lambda tmp: tmp.write_text(to_toml(result.config.to_dict())))
     return paths
