@@ -141,8 +141,11 @@ def is_device_array(array: Any) -> bool:
 
 
 def namespace(*arrays: Any) -> ModuleType:
-    """Array module of the given arrays: CuPy if any lives on the GPU, else NumPy."""
-    if any(is_device_array(a) for a in arrays):
+    """Array module of the given arrays: CuPy if any lives on the GPU, else NumPy.
+
+    A row source that is not an array (e.g. :class:`dpm.chunks.PatternRows`)
+    names the module of what it returns in its ``array_module`` attribute."""
+    if any(is_device_array(a) or getattr(a, "array_module", np) is not np for a in arrays):
         return cupy()  # type: ignore[return-value]
     return np
 

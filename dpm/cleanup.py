@@ -59,7 +59,7 @@ of an even row and ``c, c + 1`` for a pixel of an odd row.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -254,21 +254,42 @@ def _touches(table: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     return (present & pixels[np.where(present, table, 0)]).any(axis=1)
 
 
-def _rematch(patterns: Any, problem: Any, rmaster: RefinementMaster, detector: Detector,
+def _rematch(patterns: Any, rmaster: RefinementMaster, detector: Detector,
              mask: np.ndarray | None, pixels: np.ndarray, quaternions: np.ndarray,
              indexed: np.ndarray, table: np.ndarray, symmetry: np.ndarray,
-             refine_config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Re-match ``pixels`` against their indexed neighbours' orientations.
+             refine_config: RefineConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-match ``pixels`` against their indexed neighbours' orientations, ``batch`` at a time.
+
+    Only the patterns of ``pixels`` are read (``patterns[pixels]``), so
+    ``patterns`` may be any row source that fancy indexing reads, e.g. one
+    that re-reads them from the pattern file.
 
     Returns the best refined quaternions (m, 4) and their NCC (m,), host arrays.
     """
+    q_out = np.zeros((len(pixels), 4))
+    s_out = np.zeros(len(pixels), dtype=np.float32)
+    for lo in range(0, len(pixels), batch):
+        part = slice(lo, lo + batch)
+        q_out[part], s_out[part] = _rematch_batch(
+            patterns, rmaster, detector, mask, pixels[part], quaternions, indexed, table,
+            symmetry, refine_config)
+    return q_out, s_out
+
+
+def _rematch_batch(patterns: Any, rmaster: RefinementMaster, detector: Detector,
+                   mask: np.ndarray | None, pixels: np.ndarray, quaternions: np.ndarray,
+                   indexed: np.ndarray, table: np.ndarray, symmetry: np.ndarray,
+                   refine_config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of :func:`_rematch`."""
+    rows = patterns[pixels]
+    problem = _problem(rows, rmaster, detector, mask)
     xp = problem.xp
     nb = table[pixels]                                           # (m, 8)
     ok = nb >= 0
     ok[ok] = indexed[nb[ok]]
     cand = quaternions[np.where(ok, nb, 0)]                      # (m, 8, 4)
     # NCC of each pixel's pattern at each candidate: one kernel call.
-    item = np.broadcast_to(pixels[:, None], ok.shape)[ok].astype(np.int32)
+    item = np.broadcast_to(np.arange(len(pixels))[:, None], ok.shape)[ok].astype(np.int32)
     pcs = xp.tile(xp.asarray(np.asarray(detector.pc, dtype=np.float64)), (len(item), 1))
     sums = problem.sums(xp.asarray(item), xp.asarray(cand[ok]), pcs, 3)
     ncc = np.full(ok.shape, -np.inf)
@@ -285,8 +306,7 @@ def _rematch(patterns: Any, problem: Any, rmaster: RefinementMaster, detector: D
     starts = np.take_along_axis(cand, front[:, :width, None], axis=1)
     starts = np.where(np.arange(width)[None, :, None] < keep.sum(axis=1)[:, None, None],
                       starts, starts[:, :1])
-    result = refine(patterns[xp.asarray(pixels)], rmaster, detector, starts, mask=mask,
-                    config=refine_config)
+    result = refine(rows, rmaster, detector, starts, mask=mask, config=refine_config)
     return result.quaternions, result.scores
 
 
@@ -324,7 +344,11 @@ def replace_zero_solutions(
     patterns : (n, npix) float32 array
         Experimental rows as :func:`dpm.refine.refine` takes them (zero mean,
         unit norm over the masked pixels; zero rows where unreadable), NumPy
-        or CuPy; the re-matching runs on their device.
+        or CuPy; the re-matching runs on their device. Only the rows of
+        re-matched pixels are read, by fancy indexing, so any row source with
+        ``shape`` and ``__getitem__`` does (e.g. :class:`dpm.chunks.PatternRows`,
+        which re-reads them from the pattern file); batches of rows are sized
+        from ``refine_config.memory_budget``.
     quaternions : (n, 4) array
         Refined orientations ``(a, b, c, d)`` (orix convention, sample to
         crystal), host.
@@ -384,12 +408,15 @@ def replace_zero_solutions(
     diffracting = bc > bc_threshold
     table = neighbours((ny, nx), config.grid)
     symmetry = _symmetry_quaternions(rmaster.master)
-    problem = _problem(patterns, rmaster, det, mask)
+    budget = backend.memory_budget(backend.namespace(patterns), refine_config.memory_budget)
+    # A batch's rows, plus up to 8 refinement starts per pixel.
+    batch = max(1, (budget // 2) // (4 * int(patterns.shape[1]) * 9))
+    refine_config = replace(refine_config, memory_budget=max(1, budget // 2))
 
     def rematch(pixels: np.ndarray, state_q: np.ndarray,
                 state_indexed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _rematch(patterns, problem, rmaster, det, mask, pixels, state_q, state_indexed,
-                        table, symmetry, refine_config)
+        return _rematch(patterns, rmaster, det, mask, pixels, state_q, state_indexed,
+                        table, symmetry, refine_config, batch)
 
     replace_threshold = config.replace_threshold
     if replace_threshold is None:

@@ -28,8 +28,10 @@ The CLI (:mod:`dpm.cli`) is a thin shell over this module.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -247,13 +249,16 @@ def _resolve_master(phase: Any, master_pattern: Any, config: IndexConfig):
 
 def prepare_stack(stack, detector, *, mask: np.ndarray | None, config: IndexConfig,
                   background: np.ndarray | None, xp, progress: bool = False) -> tuple[Any, np.ndarray]:
-    """Preprocess and normalise every pattern of a stack, chunk by chunk.
+    """Preprocess and normalise every pattern of a stack into one array, chunk by chunk.
 
-    Runs :func:`dpm.preprocess.preprocess_stack` with ``config.preprocess``
-    and ``config.chunk_size``, then :func:`dpm.match.prepare_patterns` on each
-    chunk. Constant raw patterns (a blanked beam, a dead frame) are not
-    indexed: they get zero rows and ``readable = False``, and are left out of
-    the mean background and of neighbour averaging.
+    The whole-stack form of the chunk stage's first step
+    (:func:`dpm.chunks.block_rows`) for callers that want every row in memory.
+    Runs :func:`dpm.preprocess.preprocess_block` with ``config.preprocess``
+    on blocks of ``config.chunk_size`` patterns, then
+    :func:`dpm.match.prepare_patterns`. Constant raw patterns (a blanked
+    beam, a dead frame) are not indexed: they get zero rows and
+    ``readable = False``, and are left out of the mean background and of
+    neighbour averaging.
 
     Parameters
     ----------
@@ -286,29 +291,29 @@ def prepare_stack(stack, detector, *, mask: np.ndarray | None, config: IndexConf
         Naming the first pixel, when a pattern holds NaN or infinite values,
         or when no pattern is readable.
     """
-    from dpm.match import prepare_patterns
-    from dpm.preprocess import bin_mask, binned_detector, preprocess_stack
+    from dpm.chunks import block_rows
+    from dpm.detector import as_detector
+    from dpm.preprocess import map_blocks
 
-    pre = config.preprocess
     ny, nx = stack.map_shape
-    binned = bin_mask(mask, pre.binning) if mask is not None else None
-    npix = int(binned.sum()) if binned is not None else binned_detector(detector, pre.binning).size
-    out = xp.zeros((ny * nx, npix), dtype=xp.float32)
+    given = background if config.preprocess.static_background == "given" else None
+    context = _context(stack, as_detector(detector), mask, config, given, xp,
+                       budget=0, master=None, rotations=None)
+    out = xp.zeros((ny * nx, context.n_pixels), dtype=xp.float32)
     readable = np.zeros(ny * nx, dtype=bool)
-    chunks = preprocess_stack(stack, pre, mask=mask, xp=xp, chunk_size=config.chunk_size,
-                              background=background if pre.static_background == "given" else None)
-    if progress:
-        from tqdm.auto import tqdm
+    blocks = list(map_blocks(ny, nx, config.chunk_size))
+    for r0, r1, c0, c1 in _progress_iter(blocks, "preprocess", progress):
+        rows, ok = block_rows(context, (r0, r1, c0, c1))
+        start = r0 * nx + c0
+        out[start:start + len(ok)] = rows
+        readable[start:start + len(ok)] = ok
+    _check_readable(stack, readable)
+    return out, readable
 
-        chunks = tqdm(chunks, desc="preprocess", unit="chunk")
-    for start, patterns, ok in chunks:
-        if not ok.any():
-            continue
-        idx = np.flatnonzero(ok)
-        rows, valid = prepare_patterns(patterns[xp.asarray(idx)], mask=binned)
-        valid = backend.to_host(valid)
-        out[xp.asarray(start + idx[valid])] = rows[xp.asarray(np.flatnonzero(valid))]
-        readable[start + idx[valid]] = True
+
+def _check_readable(stack, readable: np.ndarray) -> None:
+    """ValueError when no pattern is readable; one warning naming the first unreadable one."""
+    nx = stack.map_shape[1]
     if not readable.any():
         raise ValueError(f"{stack.source}: no pattern is readable after preprocessing; "
                          "nothing to index")
@@ -316,7 +321,29 @@ def prepare_stack(stack, detector, *, mask: np.ndarray | None, config: IndexConf
         first = int(np.flatnonzero(~readable)[0])
         log.warning("%d unreadable patterns are not indexed (first: pattern %d, row %d, "
                     "column %d)", int((~readable).sum()), first, first // nx, first % nx)
-    return out, readable
+
+
+def _context(stack, det, raw_mask: np.ndarray | None, config: IndexConfig,
+             background: np.ndarray | None, xp, *, budget: int, master, rotations,
+             key: str = "", device: str | None = None):
+    """A :class:`dpm.chunks.ChunkContext` for a stack (its ``background`` resolved here)."""
+    from dpm.chunks import ChunkContext
+    from dpm.preprocess import bin_mask, binned_detector, resolve_static_background
+
+    pre = config.preprocess
+    bg = resolve_static_background(stack, pre, background=background, mask=raw_mask,
+                                   chunk_size=config.chunk_size)
+    is_file = stack.source != "array" and Path(stack.source).exists()
+    context = ChunkContext(
+        key=key or uuid.uuid4().hex, source=stack.source if is_file else None,
+        data=None if is_file else stack.data, map_shape=stack.map_shape, detector=det,
+        det_used=binned_detector(det, pre.binning) if pre.binning > 1 else det,
+        raw_mask=raw_mask, mask_used=bin_mask(raw_mask, pre.binning) if raw_mask is not None else None,
+        background=bg, file_band_contrast=stack.band_contrast, master=master,
+        rotations=rotations, config=config, budget=int(budget),
+        device=device or ("cpu" if xp is np else "gpu"))
+    context._local["stack"] = stack
+    return context
 
 
 def _resolve_mask(spec: str, stack, config: IndexConfig, background: np.ndarray | None,
@@ -388,7 +415,7 @@ def pattern_quality_maps(rows: Any, detector, mask: np.ndarray | None, chunk_siz
     bc = (np.asarray(band_contrast, dtype=np.float32).ravel() if given
           else np.zeros(n, dtype=np.float32))
     iq = np.zeros(n, dtype=np.float32)
-    for start in _progress_range(n, chunk_size, "band contrast", progress):
+    for start in _progress_iter(range(0, n, chunk_size), "band contrast", progress):
         full = _full_patterns(xp, rows[start:start + chunk_size], index, detector.shape)
         if not given:
             bc[start:start + len(full)] = backend.to_host(quality.band_contrast(full, mask=mask))
@@ -396,38 +423,99 @@ def pattern_quality_maps(rows: Any, detector, mask: np.ndarray | None, chunk_siz
     return bc, iq
 
 
-def _progress_range(n: int, step: int, desc: str, progress: bool):
-    starts = range(0, n, step)
+def _progress_iter(items, desc: str, progress: bool):
     if not progress:
-        return starts
+        return items
     from tqdm.auto import tqdm
 
-    return tqdm(starts, desc=desc, unit="chunk")
+    return tqdm(items, desc=desc, unit="chunk")
 
 
-def _fit_shared_pattern_centre(rows: Any, readable: np.ndarray, band_contrast: np.ndarray,
-                               master, dict_master, detector, mask: np.ndarray | None,
-                               rotations, refinement, match_config) -> np.ndarray:
+def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]], refinement,
+                               progress: bool) -> np.ndarray:
     """One PC for the map, fitted on the ``pc_subset`` patterns of highest band contrast.
 
-    The subset is matched against the dictionary at the starting PC, then
-    its orientations and the PC are refined jointly
-    (:func:`dpm.refine.fit_shared_pattern_centre`).
+    One pass over the map measures every pattern's band contrast (or takes
+    the file's); the subset is matched against the dictionary at the
+    starting PC (projected on the fly), then its orientations and the PC are
+    refined jointly (:func:`dpm.refine.fit_shared_pattern_centre`).
     """
+    from dpm.chunks import PatternRows, block_rows
     from dpm.dictionary import Dictionary
-    from dpm.match import match
+    from dpm.match import MatchConfig, match
+    from dpm.projection import integrate_pixels
     from dpm.refine import fit_shared_pattern_centre, refinement_master
 
-    xp = backend.namespace(rows)
+    nx = context.map_shape[1]
+    n = int(np.prod(context.map_shape))
+    bc = np.zeros(n, dtype=np.float32)
+    readable = np.zeros(n, dtype=bool)
+    for block in _progress_iter(blocks, "pattern centre", progress):
+        rows, ok = block_rows(context, block)
+        start = block[0] * nx + block[2]
+        given = (None if context.file_band_contrast is None
+                 else np.asarray(context.file_band_contrast).ravel()[start:start + len(ok)])
+        bc[start:start + len(ok)] = pattern_quality_maps(
+            rows, context.det_used, context.mask_used, len(ok), band_contrast=given)[0]
+        readable[start:start + len(ok)] = ok
     candidates = np.flatnonzero(readable)
-    subset = candidates[np.argsort(-band_contrast[candidates], kind="stable")[:refinement.pc_subset]]
-    sub_rows = rows[xp.asarray(subset)]
-    dictionary = Dictionary(dict_master, detector, rotations.data.astype(np.float32), mask=mask)
-    best = match(sub_rows, dictionary, config=replace(match_config, keep=1, progress=False))
+    subset = np.sort(candidates[np.argsort(-bc[candidates], kind="stable")[:refinement.pc_subset]])
+    sub_rows = PatternRows(context, blocks, context.budget // 4)[subset]
+    master = context.master
+    dict_master = master
+    if context.config.pixel_integration:
+        dict_master = integrate_pixels(master, context.det_used,
+                                       orientation_spread=context.config.resolution / 2)
+    dictionary = Dictionary(dict_master, context.det_used, context.rotations,
+                            mask=context.mask_used)
+    best = match(sub_rows, dictionary, config=MatchConfig(keep=1, memory_budget=context.budget // 2))
     starts = dictionary.quaternions[backend.to_host(best.indices)[:, 0]].astype(np.float64)
-    pc, _, _ = fit_shared_pattern_centre(sub_rows, refinement_master(master, detector), detector,
-                                         starts, mask=mask, config=refinement)
+    pc, _, _ = fit_shared_pattern_centre(sub_rows, refinement_master(master, context.det_used),
+                                         context.det_used, starts, mask=context.mask_used,
+                                         config=refinement)
     return pc
+
+
+def _content_hash(*arrays: Any) -> str | None:
+    """BLAKE2b of arrays given by the caller (mask, background), for the run manifest."""
+    present = [np.ascontiguousarray(np.asarray(a)) for a in arrays if a is not None]
+    if not present:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for a in present:
+        h.update(f"{a.shape}{a.dtype.str}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _manifest(stack, det, master, config: IndexConfig, blocks, budget: int, device: str,
+              step_size: float | None, mask: Any, background: Any) -> dict[str, Any]:
+    """The run manifest of :class:`dpm.store.ResultStore`: what its results depend on."""
+    from dpm import __version__
+    from dpm.store import fingerprint
+
+    is_file = stack.source != "array" and Path(stack.source).exists()
+    run_config = {k: v for k, v in config.to_dict().items() if k not in ("device", "memory_budget")}
+    run_config |= {"phase": master.phase.name,
+                   "master_pattern": _content_hash(master.northern, master.southern),
+                   "detector": repr(det), "step_size": step_size,
+                   "mask_given": _content_hash(mask), "background_given": _content_hash(background)}
+    return {
+        "dpm_version": __version__,
+        "input": {"source": str(Path(stack.source).resolve()) if is_file else stack.source,
+                  "shape": list(stack.data.shape), "dtype": str(stack.data.dtype),
+                  "fingerprint": fingerprint(stack.source if is_file else None,
+                                             None if is_file else stack.data)},
+        "config": run_config, "blocks": [list(b) for b in blocks], "memory_budget": int(budget),
+        "device": device}
+
+
+#: Per-pattern result arrays of the chunk stage: name -> (dtype, trailing shape; "keep" = config.keep).
+_RESULT_ARRAYS = {"readable": (bool, ()), "band_contrast": (np.float32, ()),
+                  "pattern_quality": (np.float32, ()), "topk_indices": (np.int64, ("keep",)),
+                  "topk_scores": (np.float32, ("keep",)), "quaternions": (np.float64, (4,)),
+                  "scores": (np.float32, ()), "pcs": (np.float64, (3,)),
+                  "iterations": (np.int32, ())}
 
 
 def index(
@@ -441,8 +529,19 @@ def index(
     step_size: float | None = None,
     config: IndexConfig | None = None,
     progress: bool = False,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    scheduler: Any = None,
 ) -> IndexResult:
     """Index a stack of EBSD patterns: preprocess, match, refine, replace zero solutions.
+
+    The map is processed in chunks of whole rows sized from the memory
+    budget (:mod:`dpm.chunks`): each chunk is read, preprocessed, matched
+    and refined on its own, so peak memory is set by ``config.memory_budget``,
+    not by the number of patterns. With ``out``, every chunk's results are
+    written to the result store in that folder as it completes
+    (:mod:`dpm.store`), and an interrupted run continues with ``resume=True``.
 
     Parameters
     ----------
@@ -469,25 +568,44 @@ def index(
     config
         Options; defaults as the CLI.
     progress
-        Show a progress bar per stage.
+        Show progress bars (patterns/s of the chunk stage, and per stage).
+    out
+        Folder of the result store (``run.json``, ``chunks/``); None keeps
+        the chunk results in memory only.
+    resume
+        Continue the run stored in ``out`` (same config and input); only the
+        missing chunks are computed and the results equal an uninterrupted
+        run's bit for bit.
+    overwrite
+        Replace a run stored in ``out`` instead of refusing to.
+    scheduler
+        ``dask.distributed`` scheduler address or ``Client``: the chunks run
+        as tasks on its workers (:func:`dpm.chunks.run_chunks`).
 
     Returns
     -------
     IndexResult
+
+    Raises
+    ------
+    dpm.store.ResumeError
+        ``out`` holds another run (without ``resume``/``overwrite``), or
+        ``resume`` finds no run or one of another config or input.
+    dpm.io.writers.OutputError
+        A chunk cannot be written (full disk): the chunks written before are
+        kept and ``resume=True`` continues from them.
     """
     from orix.crystal_map import CrystalMap, PhaseList
     from orix.quaternion import Rotation
 
+    from dpm.chunks import PatternRows, chunk_patterns, run_chunks
     from dpm.cleanup import clean_map, replace_zero_solutions
     from dpm.detector import as_detector
-    from dpm.dictionary import Dictionary
     from dpm.io.readers import as_pattern_stack, read_patterns
-    from dpm.match import MatchConfig, match
-    from dpm.preprocess import bin_mask, binned_detector
-    from dpm.projection import integrate_pixels
+    from dpm.preprocess import map_blocks
     from dpm.pseudo_symmetry import clean_pseudo_symmetry
-    from dpm.refine import refine, refinement_master
     from dpm.sampling import sample_orientations
+    from dpm.store import ResultStore, combined_hash
 
     config = config or IndexConfig()
     timings: dict[str, float] = {}
@@ -502,86 +620,152 @@ def index(
     if tuple(det.shape) != stack.pattern_shape:
         raise ValueError(f"{stack.source}: pattern shape {stack.pattern_shape} does not match the "
                          f"detector shape {tuple(det.shape)}")
-    raw_mask = _resolve_mask(config.mask, stack, config, background, mask)
-    xp = backend.array_module(config.device)
-    binning = config.preprocess.binning
-    det_used = binned_detector(det, binning) if binning > 1 else det
-    mask_used = bin_mask(raw_mask, binning) if raw_mask is not None else None
+    device = backend.resolve_device(config.device)
+    xp = backend.array_module(device)
+    budget = backend.memory_budget(xp, config.memory_budget)
+    ny, nx = stack.map_shape
+    n = ny * nx
 
     t = time.perf_counter()
     master = _resolve_master(phase, master_pattern, config)
     timings["master_pattern"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    rows, readable = prepare_stack(stack, det, mask=raw_mask, config=config,
-                                   background=background, xp=xp, progress=progress)
-    timings["preprocess"] = time.perf_counter() - t
+    per_chunk = chunk_patterns(stack.pattern_shape, np.dtype(stack.data.dtype).itemsize, budget,
+                               config.chunk_size)
+    blocks = list(map_blocks(ny, nx, per_chunk))
+    store = None
+    if out is not None:
+        store = ResultStore.open(out, _manifest(stack, det, master, config, blocks, budget, device,
+                                                step_size, mask, background),
+                                 resume=resume, overwrite=overwrite)
+        budget, blocks = store.manifest["memory_budget"], store.blocks
+        if store.manifest["device"] != device:
+            device = store.manifest["device"]
+            xp = backend.array_module(device)
 
+    # What the run resolves before its first chunk: mask, static background, dictionary
+    # orientations (and a shared pattern centre): recorded in the store, so a resumed run
+    # uses the same.
     t = time.perf_counter()
-    # The acquisition software's own band contrast, when the file has it.
-    bc, iq = pattern_quality_maps(rows, det_used, mask_used, config.chunk_size, progress,
-                                  band_contrast=stack.band_contrast)
-    timings["band_contrast"] = time.perf_counter() - t
+    if store is not None and store.manifest.get("resolved"):
+        raw_mask, resolved_bg = store.load_array("mask"), store.load_array("static_background")
+        stored_pc = store.manifest.get("fitted_pattern_centre")
+    else:
+        raw_mask = _resolve_mask(config.mask, stack, config, background, mask)
+        resolved_bg, stored_pc = None, None
+    given = background if config.preprocess.static_background == "given" else resolved_bg
+    rotations = sample_orientations(master.phase, config.resolution).data.astype(np.float32)
+    context = _context(stack, det, raw_mask, config, given, xp, budget=budget, master=master,
+                       rotations=rotations, device=device)
+    if store is not None and not store.manifest.get("resolved"):
+        store.save_array("mask", raw_mask)
+        store.save_array("static_background", context.background)
+        store.update(resolved=True)
+    timings["preprocess_setup"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    rotations = sample_orientations(master.phase, config.resolution)
-    timings["sampling"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    dict_master = master
-    if config.pixel_integration:
-        dict_master = integrate_pixels(master, det_used, orientation_spread=config.resolution / 2)
-    match_config = MatchConfig(keep=config.keep, memory_budget=config.memory_budget,
-                               progress=progress)
     refinement = config.refinement
-    if refinement.memory_budget is None and config.memory_budget is not None:
-        refinement = replace(refinement, memory_budget=config.memory_budget)
     if config.refine and refinement.pattern_centre == "shared":
         # Calibrate first, as the protocol does: fit one PC on a subset, then
         # match the whole map with it (a wrong PC costs dictionary matches).
-        t_pc = time.perf_counter()
-        pc = _fit_shared_pattern_centre(rows, readable, bc, master, dict_master, det_used,
-                                        mask_used, rotations, refinement, match_config)
-        timings["pattern_centre"] = time.perf_counter() - t_pc
+        t = time.perf_counter()
+        start_pc = context.det_used.pc
+        pc = stored_pc
+        if pc is None:
+            pc = [float(v) for v in _fit_shared_pattern_centre(context, blocks, refinement,
+                                                                progress)]
+            if store is not None:
+                store.update(fitted_pattern_centre=pc)
+        timings["pattern_centre"] = time.perf_counter() - t
         log.info("pattern centre fitted: (%.4f, %.4f, %.4f) from (%.4f, %.4f, %.4f)",
-                 *pc, *det_used.pc)
-        det_used = replace(det_used, pc=tuple(pc))
+                 *pc, *start_pc)
+        context = replace(context, det_used=replace(context.det_used, pc=tuple(pc)))
         refinement = replace(refinement, pattern_centre="fixed")
-    dictionary = Dictionary(dict_master, det_used, rotations.data.astype(np.float32), mask=mask_used)
-    result = match(rows, dictionary, config=match_config)
-    timings["match"] = time.perf_counter() - t
-    log.info("matched %d patterns against %d orientations in %.1f s",
-             len(readable), len(dictionary), timings["match"])
 
-    indices = backend.to_host(result.indices)
-    dict_scores = backend.to_host(result.scores).astype(np.float32)
-    dict_scores[~readable] = 0.0
-    n = len(readable)
-    ny, nx = stack.map_shape
-    topk = dictionary.quaternions[indices].astype(np.float64)   # (n, keep, 4)
+    # The chunk stage: stored chunks are read, the others computed (here or on a cluster).
+    t = time.perf_counter()
+    keep = config.keep
+    arrays = {name: np.zeros((n, *(keep if d == "keep" else d for d in shape)), dtype=dtype)
+              for name, (dtype, shape) in _RESULT_ARRAYS.items()}
+    hashes: list[str | None] = [None] * len(blocks)
+    rows = PatternRows(context, blocks, budget // 4)
+    stage_seconds: dict[str, float] = {}
+
+    def fill(k: int, results: dict[str, Any]) -> None:
+        start = blocks[k][0] * nx + blocks[k][2]
+        for name in _RESULT_ARRAYS:
+            value = np.asarray(results[name])
+            arrays[name][start:start + len(value)] = value
+        hashes[k] = str(results["raw_hash"])
+
+    done = store.completed() if store is not None else []
+    for k in done:
+        fill(k, store.read_chunk(k))
+    pending = [k for k in range(len(blocks)) if k not in set(done)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, unit="pattern", desc="index", unit_scale=True,
+                   initial=sum((b[1] - b[0]) * (b[3] - b[2]) for k, b in enumerate(blocks)
+                               if k in set(done)))
+
+    def on_result(k: int, results: dict[str, Any]) -> None:
+        if store is not None:
+            store.write_chunk(k, results)
+        fill(k, results)
+        for stage, seconds in results["seconds"].items():
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
+        if "rows" in results:
+            rows.offer(k, results["rows"])
+        if bar is not None:
+            bar.update((blocks[k][1] - blocks[k][0]) * (blocks[k][3] - blocks[k][2]))
+            bar.set_postfix_str(", ".join(
+                f"{stage} {bar.n / max(s, 1e-9):.0f}/s" for stage, s in stage_seconds.items()
+                if stage in ("preprocess", "match", "refine")))
+
+    try:
+        run_chunks(context, blocks, pending, on_result, scheduler=scheduler)
+    finally:
+        if bar is not None:
+            bar.close()
+    timings.update(stage_seconds)
+    timings["chunks"] = time.perf_counter() - t
+    log.info("indexed %d patterns in %d chunks (%d read from the store) against %d "
+             "orientations in %.1f s", n, len(blocks), len(done), len(rotations), timings["chunks"])
+
+    readable = arrays["readable"]
+    _check_readable(stack, readable)
+    bc, iq = arrays["band_contrast"], arrays["pattern_quality"]
+    indices, dict_scores = arrays["topk_indices"], arrays["topk_scores"]
+    det_used, mask_used = context.det_used, context.mask_used
+    topk = rotations[indices].astype(np.float64)   # (n, keep, 4)
     props: dict[str, np.ndarray] = {"readable": readable, "band_contrast": bc,
                                     "pattern_quality": iq}
-    details: dict[str, Any] = {"preprocessing": config.preprocess.steps(stack.pattern_shape)}
+    content_hash = combined_hash([h for h in hashes])
+    details: dict[str, Any] = {
+        "preprocessing": config.preprocess.steps(stack.pattern_shape),
+        "detector_shape": list(det_used.shape),
+        "input_hash": content_hash, "memory_budget_bytes": int(budget),
+        "chunks": {"count": len(blocks), "patterns_per_chunk": per_chunk if store is None
+                   else (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]),
+                   "read_from_store": len(done)}}
     if config.refine:
-        t = time.perf_counter()
-        rmaster = refinement_master(master, det_used)
-        refined = refine(rows, rmaster, det_used, topk, mask=mask_used, valid=readable,
-                         config=refinement, progress=progress)
-        timings["refine"] = time.perf_counter() - t
-        quaternions, scores = refined.quaternions, refined.scores
-        details["pattern_centre"] = refined.pcs.mean(axis=0).tolist()
-        props["refinement_iterations"] = refined.iterations
-        if refinement.pattern_centre == "pattern":
-            props.update(pcx=refined.pcs[:, 0], pcy=refined.pcs[:, 1], pcz=refined.pcs[:, 2])
+        quaternions, scores, pcs = arrays["quaternions"], arrays["scores"], arrays["pcs"]
+        mean_pc = tuple(pcs.mean(axis=0))
+        details["pattern_centre"] = list(mean_pc)
+        props["refinement_iterations"] = arrays["iterations"]
+        props.update(pcx=pcs[:, 0], pcy=pcs[:, 1], pcz=pcs[:, 2])
+        rmaster = context.refinement_master()
+        map_refinement = replace(config.refinement, pattern_centre="fixed",
+                                 memory_budget=config.refinement.memory_budget or budget // 4)
         indexed = readable.copy()
         replaced = np.zeros(n, dtype=bool)
         if config.zero_solutions is not None:
             t = time.perf_counter()
             zs = replace_zero_solutions(
                 rows, quaternions, scores, readable, bc, (ny, nx), rmaster,
-                replace(det_used, pc=tuple(refined.pcs.mean(axis=0))), mask=mask_used,
-                config=config.zero_solutions, refine_config=replace(config.refinement,
-                                                                    pattern_centre="fixed"))
+                replace(det_used, pc=mean_pc), mask=mask_used, config=config.zero_solutions,
+                refine_config=map_refinement)
             timings["zero_solutions"] = time.perf_counter() - t
             quaternions, scores, indexed, replaced = zs.quaternions, zs.scores, zs.indexed, zs.replaced
             details["zero_solutions"] = {
@@ -607,14 +791,15 @@ def index(
             t = time.perf_counter()
             pseudo = clean_pseudo_symmetry(
                 rows, quaternions, scores, indexed, (ny, nx), rmaster,
-                replace(det_used, pc=tuple(refined.pcs.mean(axis=0))), mask=mask_used, config=ps,
-                refine_config=replace(config.refinement, pattern_centre="fixed"))
+                replace(det_used, pc=mean_pc), mask=mask_used, config=ps,
+                refine_config=map_refinement)
             timings["pseudo_symmetry"] = time.perf_counter() - t
             quaternions, scores = pseudo.quaternions, pseudo.scores
             props["pseudo_symmetry"] = pseudo.changed
             details["pseudo_symmetry"] = pseudo.summary()
         props.update(scores=scores.astype(np.float32), replaced=replaced,
-                     dictionary_score=dict_scores[:, 0], simulation_index=indices[:, 0])
+                     dictionary_score=dict_scores[:, 0], simulation_index=indices[:, 0],
+                     topk_indices=indices, topk_scores=dict_scores)
         rotation_data = quaternions
         phase_id = np.where(indexed, 0, -1)
     else:
@@ -625,13 +810,15 @@ def index(
             rotation_data, props["scores"] = topk[:, 0], dict_scores[:, 0]
             props["simulation_indices"] = indices[:, 0]
     step = step_size if step_size is not None else (stack.step_size or 1.0)
-    y, x = np.divmod(np.arange(ny * nx), nx)
+    y, x = np.divmod(np.arange(n), nx)
     xmap = CrystalMap(
         rotations=Rotation(rotation_data), phase_id=phase_id, x=x * step, y=y * step,
         phase_list=PhaseList(master.phase), prop=props, scan_unit="um")
     timings["total"] = time.perf_counter() - t0
+    if store is not None:
+        store.update(state="complete", input_hash=content_hash)
     best = np.asarray(props["scores"]).reshape(n, -1)[:, 0]
     return IndexResult(
-        xmap=xmap, scores=best.reshape(ny, nx), dictionary_size=len(dictionary),
+        xmap=xmap, scores=best.reshape(ny, nx), dictionary_size=len(rotations),
         refined=bool(config.refine), timings=timings, config=config, source=stack.source,
         band_contrast=bc.reshape(ny, nx), details=details)

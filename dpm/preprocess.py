@@ -45,7 +45,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -790,7 +790,7 @@ def _varying(patterns: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return flat.max(axis=1) > flat.min(axis=1)
 
 
-def _blocks(ny: int, nx: int, chunk_size: int) -> Iterator[tuple[int, int, int, int]]:
+def map_blocks(ny: int, nx: int, chunk_size: int) -> Iterator[tuple[int, int, int, int]]:
     """Chunks ``(row0, row1, col0, col1)`` in row-major map order.
 
     Whole map rows, ``chunk_size // nx`` at a time; a row longer than
@@ -886,7 +886,7 @@ def resolve_static_background(stack: Any, config: PreprocessConfig, *, backgroun
 
         def varying_chunks() -> Iterator[np.ndarray]:
             nonlocal readable
-            for r0, r1, c0, c1 in _blocks(ny, nx, chunk_size):
+            for r0, r1, c0, c1 in map_blocks(ny, nx, chunk_size):
                 raw = _read(stack.data, (r0, r1), (c0, c1)).reshape(-1, *shape)
                 keep = raw[_varying(raw, mask)]
                 readable += len(keep)
@@ -987,38 +987,78 @@ def preprocess_stack(stack: Any, config: PreprocessConfig = PreprocessConfig(), 
     mask = _check_stack_mask(mask, shape)
     bg = resolve_static_background(stack, config, background=background, mask=mask,
                            chunk_size=chunk_size)
-    blocks = list(_blocks(*stack.map_shape, chunk_size))
+    blocks = list(map_blocks(*stack.map_shape, chunk_size))
     _log.info("%s: preprocessing %d x %d patterns in %d chunks: %s", stack.source,
               *stack.map_shape, len(blocks),
               ", ".join(s["step"] for s in config.steps()) or "no steps")
     return _iterate(stack, config, None if bg is None else _on(xp, bg), mask, xp, blocks)
 
 
+def preprocess_block(stack: Any, config: PreprocessConfig, block: tuple[int, int, int, int], *,
+                     background: Any = None, mask: np.ndarray | None = None,
+                     xp: ModuleType = np,
+                     digest: Callable[[np.ndarray], None] | None = None,
+                     ) -> tuple[Any, np.ndarray]:
+    """Run the preprocessing steps on one block of a map (a chunk of :func:`preprocess_stack`).
+
+    Parameters
+    ----------
+    stack
+        A :class:`~dpm.io.readers.PatternStack`.
+    config
+        The steps.
+    block
+        ``(row0, row1, col0, col1)``: whole map rows, or a segment of one row
+        (the chunks of :func:`preprocess_stack`); with neighbour averaging the
+        block is read with its halo, so its average equals the whole map's.
+    background
+        The resolved static background on ``xp`` (:func:`resolve_static_background`), or None.
+    mask
+        Signal mask of the raw patterns (checked).
+    xp
+        Array module the steps run on.
+    digest
+        Called with the block's raw patterns ``(R, C, sy, sx)`` (without the
+        halo) before preprocessing, e.g. to hash what was read.
+
+    Returns
+    -------
+    patterns : (k, sy', sx') float32 array on ``xp``
+        Zero for unreadable patterns.
+    readable : (k,) bool host array
+    """
+    ny, nx = stack.map_shape
+    r0, r1, c0, c1 = block
+    h = config.neighbour_radius
+    rows = (max(r0 - h, 0), min(r1 + h, ny))
+    cols = (max(c0 - h, 0), min(c1 + h, nx))
+    raw = _read(stack.data, rows, cols)
+    if digest is not None:
+        digest(raw[r0 - rows[0]:r1 - rows[0], c0 - cols[0]:c1 - cols[0]])
+    _check_finite(raw, (rows[0], cols[0]), nx, stack.source)
+    nr, nc, sy, sx = raw.shape
+    flat = raw.reshape(nr * nc, sy, sx)
+    ok = _varying(flat, mask).reshape(nr, nc)
+    p = _pattern_steps(xp.asarray(flat), config, background)
+    if config.neighbour_sigma is not None:
+        p = _average_block(p.reshape(nr, nc, *p.shape[1:]), ok.astype(np.float64),
+                           (rows[0], cols[0]), (r0, r1, c0, c1), config.neighbour_sigma, h)
+    p = p.reshape((r1 - r0) * (c1 - c0), *p.shape[-2:])
+    ok = ok[r0 - rows[0]:r1 - rows[0], c0 - cols[0]:c1 - cols[0]].ravel()
+    if config.rescale:
+        p = rescale_intensity(p, config.rescale_range)
+    return xp.where(xp.asarray(ok)[:, None, None], p, xp.float32(0.0)), ok
+
+
 def _iterate(stack: Any, config: PreprocessConfig, background: Any, mask: np.ndarray | None,
              xp: ModuleType, blocks: list[tuple[int, int, int, int]],
              ) -> Iterator[tuple[int, Any, np.ndarray]]:
     """The chunk loop of :func:`preprocess_stack` (its inputs checked)."""
-    ny, nx = stack.map_shape
-    h = config.neighbour_radius
+    nx = stack.map_shape[1]
     any_readable = False
-    for r0, r1, c0, c1 in blocks:
-        rows = (max(r0 - h, 0), min(r1 + h, ny))
-        cols = (max(c0 - h, 0), min(c1 + h, nx))
-        raw = _read(stack.data, rows, cols)
-        _check_finite(raw, (rows[0], cols[0]), nx, stack.source)
-        nr, nc, sy, sx = raw.shape
-        flat = raw.reshape(nr * nc, sy, sx)
-        ok = _varying(flat, mask).reshape(nr, nc)
-        p = _pattern_steps(xp.asarray(flat), config, background)
-        if config.neighbour_sigma is not None:
-            p = _average_block(p.reshape(nr, nc, *p.shape[1:]), ok.astype(np.float64),
-                               (rows[0], cols[0]), (r0, r1, c0, c1), config.neighbour_sigma, h)
-        p = p.reshape((r1 - r0) * (c1 - c0), *p.shape[-2:])
-        ok = ok[r0 - rows[0]:r1 - rows[0], c0 - cols[0]:c1 - cols[0]].ravel()
-        if config.rescale:
-            p = rescale_intensity(p, config.rescale_range)
-        p = xp.where(xp.asarray(ok)[:, None, None], p, xp.float32(0.0))
+    for block in blocks:
+        p, ok = preprocess_block(stack, config, block, background=background, mask=mask, xp=xp)
         any_readable |= bool(ok.any())
-        yield r0 * nx + c0, p, ok
+        yield block[0] * nx + block[2], p, ok
     if not any_readable:
         raise ValueError(f"{stack.source}: every pattern is constant; nothing to index")
