@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dpm.io.writers import atomic_write
+from dpm.io.writers import atomic_write_hdf5
 from dpm.master import MasterPattern
 from dpm.master.lambert import lambert_to_stereographic
 
@@ -125,7 +125,7 @@ def write_master_pattern(mp: MasterPattern, path: str | Path) -> Path:
     path
         Output file (overwritten). Lattice parameters are written in nm and
         Debye–Waller factors in nm², as EMsoft does. The file is written
-        whole or not at all (:func:`dpm.io.writers.atomic_write`).
+        whole or not at all (:func:`dpm.io.writers.atomic_write_hdf5`).
 
     Returns
     -------
@@ -209,12 +209,12 @@ def write_master_pattern(mp: MasterPattern, path: str | Path) -> Path:
         }},
     }
 
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
+    def fill(buffer: Any) -> None:
+        with h5py.File(buffer, "w") as f:
             _write_group(f, content)
             f[_DATA].attrs["HDF_FileVersion"] = np.bytes_("4.0")
 
-    return atomic_write(path, write)
+    return atomic_write_hdf5(path, fill)
 
 
 # --------------------------------------------------------------------------- reading

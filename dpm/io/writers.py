@@ -27,7 +27,8 @@ formats' conventions, as orix's readers expect them:
 
 ``map.h5``
 ----------
-orix's own CrystalMap HDF5 (``orix.io.save``): the rotations as Bunge Euler
+orix's own CrystalMap HDF5 (orix's ``orix_hdf5`` writer, that of
+``orix.io.save``): the rotations as Bunge Euler
 angles (radians; ``(n, k)`` for several rotations per pixel) and every
 property of the map as its own dataset ``crystal_map/data/<name>`` with the
 property's shape and dtype: ``(n,)`` scores, band contrast, PC columns,
@@ -37,12 +38,13 @@ boolean flags (``readable``, ``replaced``, …; h5py's boolean enum). orix
 split or converted.
 
 Every file these writers make is written whole or not at all
-(:func:`atomic_write`); an output folder that cannot take files is reported
+(:func:`atomic_write`, HDF5 files through :func:`atomic_write_hdf5`); an output folder that cannot take files is reported
 before anything is computed (:func:`prepare_output_dir`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -145,6 +147,38 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_hdf5(path: str | Path, fill: Callable[[io.BytesIO], Any]) -> Path:
+    """Write an HDF5 file whole or not at all: built in memory, then written by :func:`atomic_write`.
+
+    ``fill(buffer)`` writes the HDF5 file into an in-memory file object
+    (``h5py.File(buffer, "w")`` accepts it); its bytes then go to disk in
+    one plain write. HDF5 is never left to write to disk itself: when a
+    write fails in the middle of HDF5's own (full disk, file-size limit),
+    h5py 3.16 / HDF5 2.0 crash the process (segmentation fault) instead of
+    raising. The file's size is held in memory once.
+
+    Parameters
+    ----------
+    path
+        The file to write (replaced if it exists).
+    fill
+        Writes the whole HDF5 content into the buffer it is given.
+
+    Returns
+    -------
+    path
+
+    Raises
+    ------
+    OutputError
+        Naming the file and the reason, when the operating system refuses
+        the write.
+    """
+    buffer = io.BytesIO()
+    fill(buffer)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def prepare_output_dir(out: str | Path) -> Path:
@@ -543,7 +577,7 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     OutputError
         If the folder or a file cannot be written (named in the message).
     """
-    from orix import io as orix_io
+    from orix.io.plugins import orix_hdf5
 
     from dpm.maps import save_scalar, write_ipf_maps, write_property_maps
 
@@ -553,7 +587,7 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     shape = result.scores.shape
     detector = _index_detector(result.details)
     paths = [out / "map.h5", out / "map.ang", out / "summary.json", out / "config.toml"]
-    atomic_write(paths[0], lambda tmp: orix_io.save(str(tmp), xmap, overwrite=True))
+    atomic_write_hdf5(paths[0], lambda buffer: orix_hdf5.file_writer(buffer, xmap))
     write_ang(xmap, paths[1], grid=grid, map_shape=shape, detector=detector)
     if grid == "square":
         paths.append(write_ctf(xmap, out / "map.ctf", map_shape=shape, detector=detector))
