@@ -15,6 +15,7 @@ from dpm.io.emsoft import (
     read_master_pattern,
     write_master_pattern,
 )
+from dpm.master import MasterPattern
 from dpm.master.kinematical import kinematical_master_pattern
 from dpm.master.lambert import lambert_to_stereographic
 
@@ -55,6 +56,29 @@ class TestWrite:
         atom = s.phase.structure[0]
         assert atom.Bisoequiv == pytest.approx(get_phase("li").structure[0].Bisoequiv, rel=1e-5)
         assert s.original_metadata.MCCLNameList.EkeV == 20.0
+
+    def test_kikuchipy_tells_the_hemispheres_and_energy_apart(self, tmp_path):
+        """Different hemispheres (Li's kinematical ones are alike) at 15 kV, as kikuchipy reads them."""
+        import kikuchipy as kp
+
+        rng = np.random.default_rng(4)
+        north, south = rng.uniform(0, 1, (2, 41, 41)).astype(np.float32)
+        mp = MasterPattern(north, south, phase=get_phase("na"), energy=15.0, method="kinematical")
+        path = write_master_pattern(mp, tmp_path / "na.h5")
+        both = kp.load(path, projection="lambert", hemisphere="both", energy=15)
+        np.testing.assert_array_equal(both.data, [north, south])
+        for hemisphere, truth in (("upper", north), ("lower", south)):
+            one = kp.load(path, projection="lambert", hemisphere=hemisphere, energy=15)
+            assert one.hemisphere == hemisphere
+            np.testing.assert_array_equal(one.data, truth)
+        # masterSP as EMsoft lays it out (row j at Y = (j - npx) / npx, EMEBSDmaster.f90);
+        # kikuchipy mirrors EMsoft's rows on reading ("flip up-down", _emsoft_master_pattern.py)
+        stereo = kp.load(path, projection="stereographic", hemisphere="both")
+        np.testing.assert_array_equal(stereo.data, [lambert_to_stereographic(north)[::-1],
+                                                    lambert_to_stereographic(south)[::-1]])
+        assert both.original_metadata.MCCLNameList.EkeV == 15.0
+        assert both.phase.name == "na" and both.phase.space_group.number == 229
+        assert both.phase.structure.lattice.a == pytest.approx(get_phase("na").structure.lattice.a / 10)
 
     def test_written_li_agrees_with_kikuchipy_simulator(self, li_file):
         # acceptance: the file dpm writes, as kikuchipy reads it, against kikuchipy's own
@@ -125,6 +149,19 @@ class TestRead:
         assert mp.phase.space_group.number == 225
         assert mp.phase.structure.lattice.a == pytest.approx(3.5236)
         assert mp.phase.structure[0].element == "Ni"
+
+    def test_kikuchipy_data_nickel(self):
+        """EMsoft's Ni file that kikuchipy ships (offline), through kikuchipy.data."""
+        import kikuchipy as kp
+
+        s = kp.data.nickel_ebsd_master_pattern_small(projection="lambert", hemisphere="both")
+        t = s.tmp_parameters
+        path = Path(t.folder) / f"{t.filename}.{t.extension}"
+        mp = read_master_pattern(path)
+        np.testing.assert_array_equal(np.stack([mp.northern, mp.southern]), s.data)
+        assert mp.npx == 200 and mp.energy == 20.0
+        assert mp.phase.space_group.number == s.phase.space_group.number == 225
+        assert mp.phase.structure.lattice.a == pytest.approx(10 * s.phase.structure.lattice.a)
 
     @pytest.mark.parametrize("energy", [None, 15.0, 10.2])
     def test_energy_slice(self, energy):
