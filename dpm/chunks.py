@@ -97,6 +97,11 @@ class ChunkContext:
         Bytes this process may use for one chunk.
     device
         ``"cpu"`` or ``"gpu"``.
+    blas_threads
+        Threads every chunk's BLAS calls use, whatever the process's own
+        setting: OpenBLAS's float32 products change in the last bits with the
+        thread count, so fixing it makes a chunk's results the same in any
+        process (a resumed run on another machine, a Dask worker).
     """
 
     key: str
@@ -114,6 +119,7 @@ class ChunkContext:
     config: Any
     budget: int
     device: str
+    blas_threads: int = 1
     _local: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -294,13 +300,29 @@ def block_rows(context: ChunkContext, block: tuple[int, int, int, int],
     return rows, readable
 
 
+def blas_threads() -> int:
+    """Threads this process's BLAS uses (1 when threadpoolctl sees none)."""
+    from threadpoolctl import threadpool_info
+
+    counts = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+    return max(counts, default=1)
+
+
 def index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dict[str, Any]:
     """Results of one map block: the arrays of :data:`dpm.store.CHUNK_FIELDS`.
 
     Also ``raw_hash`` (content hash of the block's raw patterns),
     ``seconds`` (per stage) and, for the caller's row cache, ``rows``
-    (only when run in-process; a Dask task drops them).
+    (only when run in-process; a Dask task drops them). BLAS runs with
+    ``context.blas_threads`` threads.
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=context.blas_threads, user_api="blas"):
+        return _index_chunk(context, block)
+
+
+def _index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dict[str, Any]:
     from dpm.match import MatchConfig, match
     from dpm.pipeline import pattern_quality_maps
     from dpm.refine import refine
@@ -451,7 +473,10 @@ class PatternRows:
         if k in self._cache:
             self._cache.move_to_end(k)
             return self._cache[k]
-        rows, _ = block_rows(self.context, self.blocks[k])
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=self.context.blas_threads, user_api="blas"):
+            rows, _ = block_rows(self.context, self.blocks[k])
         while self._cache and self._bytes + rows.nbytes > self.budget:
             _, old = self._cache.popitem(last=False)
             self._bytes -= old.nbytes

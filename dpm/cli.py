@@ -1,7 +1,11 @@
 """Command line: a thin shell over :mod:`dpm.pipeline` (see DESIGN.md, "Command line").
 
-Exit codes: 0 on success, 2 on bad input or usage, 1 on any other failure.
-Errors are one line (``dpm index: error: ...``); ``--debug`` shows the traceback.
+Exit codes (for schedulers and pipelines): 0 on success; 2 on bad input or
+usage (fix the input, do not retry); 3 when results cannot be written (full
+disk, unwritable folder: what was written is kept, free space and rerun with
+``--resume``); 130 when interrupted (Ctrl-C: rerun with ``--resume``); 1 on any
+other failure. Errors are one line (``dpm index: error: ...``); ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 _INDEX_OPTIONS = ("phase", "master_pattern", "pc", "pc_convention", "sample_tilt",
                   "detector_tilt", "resolution", "refine", "device", "memory_budget",
-                  "kv", "npx", "keep", "method", "mask", "grid")
+                  "kv", "npx", "keep", "method", "mask", "grid", "chunk_size", "scheduler",
+                  "resume", "overwrite")
+#: Options of a run that are not part of :class:`dpm.pipeline.IndexConfig`.
+_RUN_OPTIONS = ("scheduler", "resume", "overwrite")
 #: Command-line flags that set a field of a nested config table: flag -> (table, field).
 _TABLE_OPTIONS = {
     "binning": ("preprocess", "binning"),
@@ -72,7 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--no-refine", dest="refine", action="store_false", default=None,
                    help="report dictionary matches without refinement")
     i.add_argument("--device", choices=("auto", "cpu", "gpu"), help="default auto")
-    i.add_argument("--memory-budget", help="bytes for matching, e.g. 4GB (default half the free memory)")
+    i.add_argument("--memory-budget", help="bytes the run may use, e.g. 4GB; sets the chunk "
+                   "size, independent of the number of patterns (default half the free memory)")
+    i.add_argument("--chunk-size", type=int, help="patterns per chunk at most (default 4096; "
+                   "fewer when the memory budget asks)")
+    i.add_argument("--resume", action="store_true", default=None,
+                   help="continue the interrupted run stored in --out (same input and options)")
+    i.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace a run already stored in --out")
+    i.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the chunks as tasks on this dask.distributed scheduler "
+                   "(e.g. tcp://host:8786); workers need dpm and the pattern file's path")
     i.add_argument("--kv", type=float, help="beam energy for a simulated master pattern (default 20)")
     i.add_argument("--npx", type=int, help="Lambert half-width of a simulated master pattern (default 250)")
     i.add_argument("--method", choices=("dynamical", "kinematical"),
@@ -199,6 +216,8 @@ def _run_index(args: argparse.Namespace) -> int:
                                tilt=opts["detector_tilt"])
     else:
         det = stack.detector
+    if "grid" not in opts and getattr(stack, "grid", "square") != "square":
+        opts["grid"] = stack.grid    # the file's grid
     fields = {k: opts[k] for k in _config_fields() - set(_TABLES) if k in opts}
     if opts.get("memory_budget") is not None:
         fields["memory_budget"] = backend.parse_bytes(opts["memory_budget"])
@@ -215,9 +234,14 @@ def _run_index(args: argparse.Namespace) -> int:
             except TypeError as e:
                 raise UsageError(f"[{table}] options: {e}") from None
     config = IndexConfig(**fields)
-    result = index(stack, phase=opts["phase"], detector=det,
-                   master_pattern=opts.get("master_pattern"), config=config,
-                   progress=not args.quiet)
+    try:
+        result = index(stack, phase=opts["phase"], detector=det,
+                       master_pattern=opts.get("master_pattern"), config=config,
+                       progress=not args.quiet, out=out, resume=bool(opts.get("resume")),
+                       overwrite=bool(opts.get("overwrite")), scheduler=opts.get("scheduler"))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the chunks completed are stored in {out}; run the same "
+                                "command with --resume to continue") from None
     write_index_outputs(result, out)
     grain_map = _write_grains(result.xmap, out, result.config.grains,
                               result.config.boundaries)
@@ -333,14 +357,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, GPUUnavailableError, OutputError) as e:
+    except OutputError as e:
+        if args.debug:
+            raise
+        print(f"dpm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_OUTPUT
+    except (ValueError, FileNotFoundError, GPUUnavailableError) as e:
         if args.debug:
             raise
         print(f"dpm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"dpm {args.command}: interrupted", file=sys.stderr)
-        return EXIT_FAILURE
+    except KeyboardInterrupt as e:
+        print(f"dpm {args.command}: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 (report any other failure in one line, exit 1)
         if args.debug:
             raise

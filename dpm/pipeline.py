@@ -211,6 +211,12 @@ class IndexResult:
     band_contrast: np.ndarray | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
+    def run_config(self) -> dict[str, Any]:
+        """The resolved options of the run as ``dpm index --config`` reads them back
+        (``config.toml``): phase, master-pattern file and detector (PC in Bruker's
+        convention), then every field of :class:`IndexConfig`."""
+        return dict(self.details.get("run", {})) | self.config.to_dict()
+
     def summary(self) -> dict[str, Any]:
         """Map-level numbers for ``summary.json``."""
         readable = np.asarray(self.xmap.prop["readable"], dtype=bool)
@@ -325,7 +331,7 @@ def _check_readable(stack, readable: np.ndarray) -> None:
 
 def _context(stack, det, raw_mask: np.ndarray | None, config: IndexConfig,
              background: np.ndarray | None, xp, *, budget: int, master, rotations,
-             key: str = "", device: str | None = None):
+             key: str = "", device: str | None = None, blas_threads: int = 1):
     """A :class:`dpm.chunks.ChunkContext` for a stack (its ``background`` resolved here)."""
     from dpm.chunks import ChunkContext
     from dpm.preprocess import bin_mask, binned_detector, resolve_static_background
@@ -341,7 +347,7 @@ def _context(stack, det, raw_mask: np.ndarray | None, config: IndexConfig,
         raw_mask=raw_mask, mask_used=bin_mask(raw_mask, pre.binning) if raw_mask is not None else None,
         background=bg, file_band_contrast=stack.band_contrast, master=master,
         rotations=rotations, config=config, budget=int(budget),
-        device=device or ("cpu" if xp is np else "gpu"))
+        device=device or ("cpu" if xp is np else "gpu"), blas_threads=int(blas_threads))
     context._local["stack"] = stack
     return context
 
@@ -492,6 +498,7 @@ def _manifest(stack, det, master, config: IndexConfig, blocks, budget: int, devi
               step_size: float | None, mask: Any, background: Any) -> dict[str, Any]:
     """The run manifest of :class:`dpm.store.ResultStore`: what its results depend on."""
     from dpm import __version__
+    from dpm.chunks import blas_threads
     from dpm.store import fingerprint
 
     is_file = stack.source != "array" and Path(stack.source).exists()
@@ -507,7 +514,7 @@ def _manifest(stack, det, master, config: IndexConfig, blocks, budget: int, devi
                   "fingerprint": fingerprint(stack.source if is_file else None,
                                              None if is_file else stack.data)},
         "config": run_config, "blocks": [list(b) for b in blocks], "memory_budget": int(budget),
-        "device": device}
+        "device": device, "blas_threads": blas_threads()}
 
 
 #: Per-pattern result arrays of the chunk stage: name -> (dtype, trailing shape; "keep" = config.keep).
@@ -516,6 +523,86 @@ _RESULT_ARRAYS = {"readable": (bool, ()), "band_contrast": (np.float32, ()),
                   "topk_scores": (np.float32, ("keep",)), "quaternions": (np.float64, (4,)),
                   "scores": (np.float32, ()), "pcs": (np.float64, (3,)),
                   "iterations": (np.int32, ())}
+
+
+def _map_stages(config: IndexConfig, arrays: dict[str, np.ndarray], rows, context, master,
+                rotations: np.ndarray, props: dict[str, np.ndarray], details: dict[str, Any],
+                timings: dict[str, float], budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero solutions, cleanup and pseudo-symmetry on the map the chunks made.
+
+    Fills ``props``, ``details`` and ``timings``; returns the rotations
+    ``(n, 4)`` (``(n, keep, 4)`` unrefined) and phase ids of the map.
+    """
+    from dpm.cleanup import clean_map, replace_zero_solutions
+    from dpm.pseudo_symmetry import clean_pseudo_symmetry
+
+    ny, nx = context.map_shape
+    n = ny * nx
+    readable, bc = arrays["readable"], arrays["band_contrast"]
+    indices, dict_scores = arrays["topk_indices"], arrays["topk_scores"]
+    det_used, mask_used = context.det_used, context.mask_used
+    topk = rotations[indices].astype(np.float64)   # (n, keep, 4)
+    if config.refine:
+        quaternions, scores, pcs = arrays["quaternions"], arrays["scores"], arrays["pcs"]
+        mean_pc = tuple(pcs.mean(axis=0))
+        details["pattern_centre"] = list(mean_pc)
+        props["refinement_iterations"] = arrays["iterations"]
+        props.update(pcx=pcs[:, 0], pcy=pcs[:, 1], pcz=pcs[:, 2])
+        rmaster = context.refinement_master()
+        map_refinement = replace(config.refinement, pattern_centre="fixed",
+                                 memory_budget=config.refinement.memory_budget or budget // 4)
+        indexed = readable.copy()
+        replaced = np.zeros(n, dtype=bool)
+        if config.zero_solutions is not None:
+            t = time.perf_counter()
+            zs = replace_zero_solutions(
+                rows, quaternions, scores, readable, bc, (ny, nx), rmaster,
+                replace(det_used, pc=mean_pc), mask=mask_used, config=config.zero_solutions,
+                refine_config=map_refinement)
+            timings["zero_solutions"] = time.perf_counter() - t
+            quaternions, scores, indexed, replaced = zs.quaternions, zs.scores, zs.indexed, zs.replaced
+            details["zero_solutions"] = {
+                "threshold": zs.threshold, "replace_threshold": zs.replace_threshold,
+                "zero_solutions": zs.n_zero_solutions, "replaced": zs.n_replaced,
+                "passes": zs.passes, "left_unindexed": int((~indexed).sum())}
+        if config.cleanup is not None:
+            t = time.perf_counter()
+            bc_limit = (config.zero_solutions.band_contrast_threshold
+                        if config.zero_solutions is not None else ZeroSolutionConfig().band_contrast_threshold)
+            cleaned = clean_map(quaternions, indexed, readable & (bc > bc_limit), (ny, nx),
+                                master.phase.point_group, config.cleanup)
+            timings["cleanup"] = time.perf_counter() - t
+            quaternions, indexed = cleaned.quaternions, cleaned.indexed
+            props.update(despiked=cleaned.despiked, filled=cleaned.filled)
+            details["cleanup"] = cleaned.changed
+        ps = config.pseudo_symmetry
+        if ps is not None and ps.axis is None and master.phase.point_group.laue.name != "m-3m":
+            log.info("pseudo-symmetry cleanup skipped: the default 60° <111> operator is defined "
+                     "for Laue group m-3m, %s is %s", master.phase.name,
+                     master.phase.point_group.laue.name)
+        elif ps is not None:
+            t = time.perf_counter()
+            pseudo = clean_pseudo_symmetry(
+                rows, quaternions, scores, indexed, (ny, nx), rmaster,
+                replace(det_used, pc=mean_pc), mask=mask_used, config=ps,
+                refine_config=map_refinement)
+            timings["pseudo_symmetry"] = time.perf_counter() - t
+            quaternions, scores = pseudo.quaternions, pseudo.scores
+            props["pseudo_symmetry"] = pseudo.changed
+            details["pseudo_symmetry"] = pseudo.summary()
+        props.update(scores=scores.astype(np.float32), replaced=replaced,
+                     dictionary_score=dict_scores[:, 0], simulation_index=indices[:, 0],
+                     topk_indices=indices, topk_scores=dict_scores)
+        rotation_data = quaternions
+        phase_id = np.where(indexed, 0, -1)
+    else:
+        props.update(scores=dict_scores, simulation_indices=indices)
+        rotation_data = topk
+        phase_id = np.where(readable, 0, -1)
+        if config.keep == 1:  # orix writers expect one rotation per point as 1-D
+            rotation_data, props["scores"] = topk[:, 0], dict_scores[:, 0]
+            props["simulation_indices"] = indices[:, 0]
+    return rotation_data, phase_id
 
 
 def index(
@@ -597,13 +684,12 @@ def index(
     """
     from orix.crystal_map import CrystalMap, PhaseList
     from orix.quaternion import Rotation
+    from threadpoolctl import threadpool_limits
 
-    from dpm.chunks import PatternRows, chunk_patterns, run_chunks
-    from dpm.cleanup import clean_map, replace_zero_solutions
+    from dpm.chunks import PatternRows, blas_threads, chunk_patterns, run_chunks
     from dpm.detector import as_detector
     from dpm.io.readers import as_pattern_stack, read_patterns
     from dpm.preprocess import map_blocks
-    from dpm.pseudo_symmetry import clean_pseudo_symmetry
     from dpm.sampling import sample_orientations
     from dpm.store import ResultStore, combined_hash
 
@@ -633,12 +719,14 @@ def index(
     per_chunk = chunk_patterns(stack.pattern_shape, np.dtype(stack.data.dtype).itemsize, budget,
                                config.chunk_size)
     blocks = list(map_blocks(ny, nx, per_chunk))
+    threads = blas_threads()
     store = None
     if out is not None:
         store = ResultStore.open(out, _manifest(stack, det, master, config, blocks, budget, device,
                                                 step_size, mask, background),
                                  resume=resume, overwrite=overwrite)
         budget, blocks = store.manifest["memory_budget"], store.blocks
+        threads = store.manifest["blas_threads"]
         if store.manifest["device"] != device:
             device = store.manifest["device"]
             xp = backend.array_module(device)
@@ -656,7 +744,7 @@ def index(
     given = background if config.preprocess.static_background == "given" else resolved_bg
     rotations = sample_orientations(master.phase, config.resolution).data.astype(np.float32)
     context = _context(stack, det, raw_mask, config, given, xp, budget=budget, master=master,
-                       rotations=rotations, device=device)
+                       rotations=rotations, device=device, blas_threads=threads)
     if store is not None and not store.manifest.get("resolved"):
         store.save_array("mask", raw_mask)
         store.save_array("static_background", context.background)
@@ -733,82 +821,32 @@ def index(
     log.info("indexed %d patterns in %d chunks (%d read from the store) against %d "
              "orientations in %.1f s", n, len(blocks), len(done), len(rotations), timings["chunks"])
 
-    readable = arrays["readable"]
+    readable, bc = arrays["readable"], arrays["band_contrast"]
     _check_readable(stack, readable)
-    bc, iq = arrays["band_contrast"], arrays["pattern_quality"]
-    indices, dict_scores = arrays["topk_indices"], arrays["topk_scores"]
-    det_used, mask_used = context.det_used, context.mask_used
-    topk = rotations[indices].astype(np.float64)   # (n, keep, 4)
     props: dict[str, np.ndarray] = {"readable": readable, "band_contrast": bc,
-                                    "pattern_quality": iq}
+                                    "pattern_quality": arrays["pattern_quality"]}
     content_hash = combined_hash([h for h in hashes])
     details: dict[str, Any] = {
+        "run": {"phase": phase if isinstance(phase, str) and master_pattern is None
+                else master.phase.name,
+                "master_pattern": str(master_pattern) if isinstance(master_pattern, (str, Path))
+                else None,
+                "pc": [float(v) for v in det.pc], "pc_convention": "bruker",
+                "sample_tilt": float(det.sample_tilt), "detector_tilt": float(det.tilt)},
         "preprocessing": config.preprocess.steps(stack.pattern_shape),
-        "detector_shape": list(det_used.shape),
+        "detector_shape": list(context.det_used.shape),
         "input_hash": content_hash, "memory_budget_bytes": int(budget),
         "chunks": {"count": len(blocks), "patterns_per_chunk": per_chunk if store is None
                    else (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]),
                    "read_from_store": len(done)}}
-    if config.refine:
-        quaternions, scores, pcs = arrays["quaternions"], arrays["scores"], arrays["pcs"]
-        mean_pc = tuple(pcs.mean(axis=0))
-        details["pattern_centre"] = list(mean_pc)
-        props["refinement_iterations"] = arrays["iterations"]
-        props.update(pcx=pcs[:, 0], pcy=pcs[:, 1], pcz=pcs[:, 2])
-        rmaster = context.refinement_master()
-        map_refinement = replace(config.refinement, pattern_centre="fixed",
-                                 memory_budget=config.refinement.memory_budget or budget // 4)
-        indexed = readable.copy()
-        replaced = np.zeros(n, dtype=bool)
-        if config.zero_solutions is not None:
-            t = time.perf_counter()
-            zs = replace_zero_solutions(
-                rows, quaternions, scores, readable, bc, (ny, nx), rmaster,
-                replace(det_used, pc=mean_pc), mask=mask_used, config=config.zero_solutions,
-                refine_config=map_refinement)
-            timings["zero_solutions"] = time.perf_counter() - t
-            quaternions, scores, indexed, replaced = zs.quaternions, zs.scores, zs.indexed, zs.replaced
-            details["zero_solutions"] = {
-                "threshold": zs.threshold, "replace_threshold": zs.replace_threshold,
-                "zero_solutions": zs.n_zero_solutions, "replaced": zs.n_replaced,
-                "passes": zs.passes, "left_unindexed": int((~indexed).sum())}
-        if config.cleanup is not None:
-            t = time.perf_counter()
-            bc_limit = (config.zero_solutions.band_contrast_threshold
-                        if config.zero_solutions is not None else ZeroSolutionConfig().band_contrast_threshold)
-            cleaned = clean_map(quaternions, indexed, readable & (bc > bc_limit), (ny, nx),
-                                master.phase.point_group, config.cleanup)
-            timings["cleanup"] = time.perf_counter() - t
-            quaternions, indexed = cleaned.quaternions, cleaned.indexed
-            props.update(despiked=cleaned.despiked, filled=cleaned.filled)
-            details["cleanup"] = cleaned.changed
-        ps = config.pseudo_symmetry
-        if ps is not None and ps.axis is None and master.phase.point_group.laue.name != "m-3m":
-            log.info("pseudo-symmetry cleanup skipped: the default 60° <111> operator is defined "
-                     "for Laue group m-3m, %s is %s", master.phase.name,
-                     master.phase.point_group.laue.name)
-        elif ps is not None:
-            t = time.perf_counter()
-            pseudo = clean_pseudo_symmetry(
-                rows, quaternions, scores, indexed, (ny, nx), rmaster,
-                replace(det_used, pc=mean_pc), mask=mask_used, config=ps,
-                refine_config=map_refinement)
-            timings["pseudo_symmetry"] = time.perf_counter() - t
-            quaternions, scores = pseudo.quaternions, pseudo.scores
-            props["pseudo_symmetry"] = pseudo.changed
-            details["pseudo_symmetry"] = pseudo.summary()
-        props.update(scores=scores.astype(np.float32), replaced=replaced,
-                     dictionary_score=dict_scores[:, 0], simulation_index=indices[:, 0],
-                     topk_indices=indices, topk_scores=dict_scores)
-        rotation_data = quaternions
-        phase_id = np.where(indexed, 0, -1)
-    else:
-        props.update(scores=dict_scores, simulation_indices=indices)
-        rotation_data = topk
-        phase_id = np.where(readable, 0, -1)
-        if config.keep == 1:  # orix writers expect one rotation per point as 1-D
-            rotation_data, props["scores"] = topk[:, 0], dict_scores[:, 0]
-            props["simulation_indices"] = indices[:, 0]
+    # The map stages with the chunks' BLAS threads, so their results do not depend on
+    # the process either.
+    limits = threadpool_limits(limits=threads, user_api="blas")
+    try:
+        rotation_data, phase_id = _map_stages(
+            config, arrays, rows, context, master, rotations, props, details, timings, budget)
+    finally:
+        limits.restore_original_limits()
     step = step_size if step_size is not None else (stack.step_size or 1.0)
     y, x = np.divmod(np.arange(n), nx)
     xmap = CrystalMap(

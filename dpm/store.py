@@ -165,6 +165,8 @@ class ResultStore:
                 raise ResumeError(f"--resume: {folder} holds no run to resume (no run.json)")
             cls._check_same_run(path, stored, manifest)
             store = cls(folder, stored)
+            for tmp in store.chunk_dir.glob(".tmp-*"):   # left by a killed write
+                tmp.unlink()
             log.info("resuming the run in %s: %d of %d chunks complete", folder,
                      len(store.completed()), len(store.blocks))
             return store
@@ -194,7 +196,7 @@ class ResultStore:
                 raise ResumeError(f"--resume: the {key} differs from the run in {path} "
                                   f"({', '.join(differ)}); resume with the same {key} or "
                                   "start a new run")
-        for key in ("device", "memory_budget"):
+        for key in ("device", "memory_budget", "blas_threads"):
             if stored.get(key) != new.get(key):
                 log.warning("resuming with the stored run's %s %s (given: %s), so the "
                             "results equal an uninterrupted run's", key, stored.get(key),
