@@ -598,20 +598,33 @@ class TestIndexOutputsMapH5:
         np.testing.assert_allclose(ang.prop["ci"][indexed], scores[indexed, 0], atol=1e-5)
 
 
-@pytest.mark.parametrize("grid", ["square", "hexagonal"])
-def test_index_outputs_write_the_pattern_centre(tmp_path, grid):
-    """details' Bruker PC goes into map.ang as TSL x*, y*, z*; the sample tilt into map.ctf."""
+@pytest.mark.parametrize(("grid", "refined"), [("square", True), ("hexagonal", True),
+                                               ("square", False)])
+def test_index_outputs_write_the_pattern_centre(tmp_path, grid, refined):
+    """The map's Bruker PC (refined mean, else the run's) in map.ang as TSL x*, y*, z*;
+    the sample tilt in map.ctf."""
     from kikuchipy.detectors import EBSDDetector
 
-    details = {"pattern_centre": [0.48, 0.27, 0.61], "detector_shape": [60, 80], "sample_tilt": 70.0}
+    details = {"run": {"pc": [0.5, 0.3, 0.6], "pc_convention": "bruker", "sample_tilt": 69.0},
+               "detector_shape": [60, 80]}
+    if refined:
+        details["pattern_centre"] = [0.48, 0.27, 0.61]
     write_index_outputs(_index_result(_map(), grid, details), tmp_path)
     lines = (tmp_path / "map.ang").read_text().splitlines()
     star = {line.split()[1]: float(line.split()[2]) for line in lines[1:4]}
-    truth = EBSDDetector(shape=(60, 80), pc=details["pattern_centre"]).pc_tsl().reshape(3)
+    pc = details["pattern_centre"] if refined else details["run"]["pc"]
+    truth = EBSDDetector(shape=(60, 80), pc=pc).pc_tsl().reshape(3)
     np.testing.assert_allclose([star["x-star"], star["y-star"], star["z-star"]], truth, atol=1e-6)
     if grid == "square":
         ctf = (tmp_path / "map.ctf").read_text().splitlines()[11].split("\t")
-        assert float(ctf[ctf.index("TiltAngle") + 1]) == 70.0
+        assert float(ctf[ctf.index("TiltAngle") + 1]) == 69.0
+
+
+def test_index_outputs_without_a_detector_write_no_pattern_centre(tmp_path):
+    write_index_outputs(_index_result(_map(), "square", {"pattern_centre": [0.5, 0.3, 0.6]}),
+                        tmp_path)  # no detector_shape: the TSL PC cannot be told
+    lines = (tmp_path / "map.ang").read_text().splitlines()
+    assert [float(line.split()[2]) for line in lines[1:4]] == [0.0, 0.0, 0.0]
 
 
 def test_grains_command_takes_the_grid_from_the_file(tmp_path, capsys):

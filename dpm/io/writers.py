@@ -525,23 +525,29 @@ def _index_detector(details: dict[str, Any]) -> Detector | None:
     Parameters
     ----------
     details
-        :attr:`dpm.pipeline.IndexResult.details`: ``"pattern_centre"``
-        (Bruker PC of the map, fractions, 3 numbers), ``"detector_shape"``
-        (``(rows, columns)`` of the patterns, pixels) and optionally
-        ``"sample_tilt"`` (degrees, default 70°).
+        :attr:`dpm.pipeline.IndexResult.details`: ``"detector_shape"``
+        (``(rows, columns)`` of the patterns, pixels), the map's pattern
+        centre ``"pattern_centre"`` (Bruker convention, fractions; the mean
+        refined PC), else the run's ``details["run"]["pc"]`` (with
+        ``"pc_convention": "bruker"``), and the sample tilt
+        ``details["run"]["sample_tilt"]`` (degrees, default 70°).
 
     Returns
     -------
     detector
-        None if ``details`` lacks the pattern centre or the detector shape
-        (the converted PC depends on the pattern's aspect ratio).
+        None if ``details`` lacks a Bruker pattern centre or the detector
+        shape (the converted PC depends on the pattern's aspect ratio).
     """
     from dpm.detector import Detector
 
-    if details.get("pattern_centre") is None or details.get("detector_shape") is None:
+    run = details.get("run") or {}
+    pc = details.get("pattern_centre")
+    if pc is None and run.get("pc_convention", "bruker") == "bruker":
+        pc = run.get("pc")
+    if pc is None or details.get("detector_shape") is None:
         return None
-    return Detector(tuple(details["detector_shape"]), tuple(details["pattern_centre"]),
-                    sample_tilt=float(details.get("sample_tilt", 70.0)))
+    return Detector(tuple(details["detector_shape"]), tuple(pc),
+                    sample_tilt=float(run.get("sample_tilt", 70.0)))
 
 
 def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] | None = None) -> list[Path]:
