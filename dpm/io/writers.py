@@ -606,5 +606,5 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
                     cmap="gray", vmin=0.0)
     summary = result.summary() | (extra_summary or {})
     atomic_write(paths[2], lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
-    atomic_write(paths[3], lambda tmp: tmp.write_text(to_toml(result.config.to_dict())))
+    atomic_write(paths[3], lambda tmp: tmp.write_text(to_toml(result.run_config())))
     return paths
