@@ -22,9 +22,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 1
 _INDEX_OPTIONS = ("phase", "master_pattern", "pc", "pc_convention", "sample_tilt",
                   "detector_tilt", "resolution", "refine", "device", "memory_budget",
                   "kv", "npx", "keep", "method", "mask", "grid", "chunk_size", "scheduler",
-                  "resume", "overwrite")
-#: Options of a run that are not part of :class:`dpm.pipeline.IndexConfig`.
-_RUN_OPTIONS = ("scheduler", "resume", "overwrite")
+                  "resume", "overwrite", "out")
 #: Command-line flags that set a field of a nested config table: flag -> (table, field).
 _TABLE_OPTIONS = {
     "binning": ("preprocess", "binning"),
@@ -67,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("index", help="index a pattern stack")
     i.add_argument("patterns", help=".npy (n, sy, sx) or (ny, nx, sy, sx), or any kikuchipy file")
-    i.add_argument("--out", required=True, help="output folder")
-    i.add_argument("--config", help="TOML file with any of the options below")
+    i.add_argument("--out", help="output folder (or out = \"DIR\" in the config file)")
+    i.add_argument("--config", help="TOML file with any of the options below (the config.toml "
+                   "a run writes repeats it)")
     i.add_argument("--phase", help="li, na, al, cu or a CIF file (default li)")
     i.add_argument("--master-pattern", help="master-pattern file (EMsoft HDF5 or kikuchipy)")
     i.add_argument("--pc", nargs=3, type=float, metavar=("X", "Y", "Z"), help="pattern centre")
@@ -208,7 +207,9 @@ def _run_index(args: argparse.Namespace) -> int:
     from dpm.refine import RefineConfig
 
     opts = _index_options(args)
-    out = prepare_output_dir(args.out)
+    if not opts.get("out"):
+        raise UsageError("give the output folder: --out DIR, or out = \"DIR\" in the config file")
+    out = prepare_output_dir(opts["out"])
     stack = read_patterns(args.patterns)
     if "pc" in opts:
         det = Detector.from_pc(tuple(opts["pc"]), convention=opts["pc_convention"],

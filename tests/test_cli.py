@@ -233,3 +233,43 @@ def test_grains_on_a_ctf_draws_its_band_contrast(tmp_path):
     grey = image[15::30, 15::30, 0].ravel()
     np.testing.assert_allclose(grey * 255.0, bc, atol=1.0)
     assert not (tmp_path / "g" / "scores.png").exists()            # .ctf carries no NCC
+
+
+def test_every_index_option_has_a_config_file_spelling():
+    """`--config run.toml` takes every option of `dpm index` (DESIGN: CLI and config agree)."""
+    from dpm.cli import _INDEX_OPTIONS, _TABLE_OPTIONS, _config_fields, _parser
+    from dpm.pipeline import NEEDS_REFINE
+
+    index_parser = _parser()._subparsers._group_actions[0].choices["index"]
+    spelled = set(_INDEX_OPTIONS) | set(_TABLE_OPTIONS) | _config_fields() | set(NEEDS_REFINE)
+    missing = [a.dest for a in index_parser._actions
+               if a.dest not in ("help", "patterns", "config") and a.dest not in spelled]
+    assert missing == []
+
+
+def test_written_config_reproduces_the_run(stack_file, master_file, tmp_path):
+    """The config.toml of a run, given back with --config, repeats it bit for bit."""
+    from orix import io as orix_io
+
+    first = tmp_path / "first"
+    assert main(["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
+                 "--pc", "0.45", "0.32", "0.61", "--resolution", "12", "--keep", "2",
+                 "--gaussian", "1", "--out", str(first)]) == 0
+    again = tmp_path / "again"
+    assert main(["--quiet", "index", str(stack_file), "--config", str(first / "config.toml"),
+                 "--out", str(again)]) == 0
+    a, b = orix_io.load(first / "map.h5"), orix_io.load(again / "map.h5")
+    assert np.array_equal(a.rotations.data, b.rotations.data)
+    for name in a.prop:
+        assert np.array_equal(a.prop[name], b.prop[name]), name
+
+
+def test_out_from_the_config_file(stack_file, master_file, tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'out = "{tmp_path / "from_file"}"\npc = [0.5, 0.3, 0.6]\nresolution = 12.0\n'
+                   f'refine = false\nmaster_pattern = "{master_file}"\n')
+    assert main(["--quiet", "index", str(stack_file), "--config", str(cfg)]) == 0
+    assert (tmp_path / "from_file" / "map.h5").is_file()
+    cfg.write_text('pc = [0.5, 0.3, 0.6]\n')
+    assert main(["--quiet", "index", str(stack_file), "--config", str(cfg)]) == 2
+    assert "--out DIR" in capsys.readouterr().err
