@@ -106,9 +106,14 @@ class IndexConfig:
     device
         ``"auto"``, ``"cpu"`` or ``"gpu"``.
     memory_budget
-        Bytes the matching stage may use (None: half the free memory).
+        Bytes the run may use (None: half the free memory of the device). It
+        sets the chunk size (a quarter for a chunk's patterns, half for its
+        matching, a quarter for refinement and the rows the map stages
+        re-read) and whether the dictionary is kept in memory or read from
+        the on-disk cache (:mod:`dpm.chunks`); peak memory does not grow with
+        the number of patterns.
     chunk_size
-        Patterns read and preprocessed per chunk.
+        Patterns per chunk at most (fewer when the budget asks).
     preprocess
         Preprocessing steps.
     grid

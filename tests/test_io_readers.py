@@ -497,6 +497,18 @@ class TestOxfordEbsp:
         np.testing.assert_array_equal(_all(stack), expected)
         assert not stack.in_file[1, 0] and not stack.in_file[1, 3] and stack.in_file.sum() == 10
 
+    def test_without_beam_positions_one_row(self, tmp_path):
+        patterns = _patterns()
+        vf.write_ebsp(tmp_path / "m.ebsp", patterns, positions=False)
+        stack = read_patterns(tmp_path / "m.ebsp")
+        assert stack.map_shape == (1, 12) and stack.step_size is None
+        np.testing.assert_array_equal(_all(stack), patterns.reshape(1, 12, 6, 8))
+
+    def test_compressed_patterns_are_refused(self, tmp_path):
+        vf.write_ebsp(tmp_path / "c.ebsp", _patterns(), compressed=True)
+        with pytest.raises(PatternFileError, match=r"c\.ebsp: holds compressed patterns"):
+            read_patterns(tmp_path / "c.ebsp")
+
     def test_kikuchipy_file_agrees_with_kikuchipy(self):
         import kikuchipy as kp
 

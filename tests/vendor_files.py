@@ -266,7 +266,8 @@ def write_up(path: Path, patterns: np.ndarray, *, version: int = 3, step: tuple[
 
 
 def write_ebsp(path: Path, patterns: np.ndarray, *, step: float = 1.5, version: int = 2,
-               file_order: np.ndarray | None = None, missing: tuple[int, ...] = ()) -> None:
+               file_order: np.ndarray | None = None, missing: tuple[int, ...] = (),
+               positions: bool = True, compressed: bool = False) -> None:
     """An Oxford Instruments .ebsp file (kikuchipy's ``create_dummy_oxford_binary_file``).
 
     Layout: the version as a negative int64 (absent in version 0; one more
@@ -283,13 +284,18 @@ def write_ebsp(path: Path, patterns: np.ndarray, *, step: float = 1.5, version: 
         Map pixel of each stored pattern, in file order (default map order).
     missing
         Map pixels whose patterns are not stored (table entry 0).
+    positions
+        Write the beam positions (version ≥ 2: else both footer flags are
+        false and the footer is two bytes).
+    compressed
+        The header's ``is_compressed`` flag (the pixels are written raw).
     """
     ny, nx, sy, sx = patterns.shape
     n = ny * nx
     order = [i for i in (np.arange(n) if file_order is None else file_order) if i not in missing]
     itemsize = patterns.dtype.itemsize
     header_size = 24 if version >= 5 else 16
-    footer_size = {0: 0, 1: 16}.get(version, 18)
+    footer_size = {0: 0, 1: 16}.get(version, 18 if positions else 2)
     head = 0 if version == 0 else (9 if version > 3 else 8)
     record = header_size + sy * sx * itemsize + footer_size
     table = np.zeros(n, dtype="<i8")
@@ -303,11 +309,13 @@ def write_ebsp(path: Path, patterns: np.ndarray, *, step: float = 1.5, version: 
         table.tofile(fh)
         for pixel in order:
             r, c = divmod(int(pixel), nx)
-            fields = ([c, r] if version >= 5 else []) + [0, sy, sx, sy * sx * itemsize]
+            fields = ([c, r] if version >= 5 else []) + [int(compressed), sy, sx, sy * sx * itemsize]
             np.array(fields, dtype="<i4").tofile(fh)
             patterns[r, c].astype(patterns.dtype.newbyteorder("<")).tofile(fh)
             if version == 1:
                 np.array([c * step, r * step], dtype="<f8").tofile(fh)
+            elif version > 1 and not positions:
+                np.zeros(2, dtype="u1").tofile(fh)
             elif version > 1:
                 for value in (c * step, r * step):
                     np.array([1], dtype="u1").tofile(fh)

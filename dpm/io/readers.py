@@ -30,6 +30,7 @@ shape and step beside it. Map coordinates and the hexagonal layout are those of
 
 from __future__ import annotations
 
+import abc
 import glob
 import logging
 import math
@@ -251,7 +252,7 @@ def read_patterns(path: str | Path) -> PatternStack:
 # --------------------------------------------------------------------------- lazy arrays
 
 
-class LazyPatterns:
+class LazyPatterns(abc.ABC):
     """A ``(ny, nx, sy, sx)`` pattern array read from its file block by block.
 
     Supports what the stages do with pattern data: ``shape``, ``dtype``,
@@ -316,9 +317,9 @@ class LazyPatterns:
         out = self[:, :]
         return out if dtype is None else out.astype(dtype, copy=False)
 
+    @abc.abstractmethod
     def _read_block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Patterns at ``rows × cols`` as a new ``(len(rows), len(cols), sy, sx)`` array."""
-        raise NotImplementedError
 
 
 class PatternFile(LazyPatterns):
@@ -940,25 +941,28 @@ def _ebsp_pattern_starts(fh: Any, table: int, size: int, p: Path) -> np.ndarray:
 
 
 def _ebsp_beam_positions(fh: Any, footers: np.ndarray, version: int, p: Path) -> np.ndarray | None:
-    """Beam (x, y) in µm from each stored pattern's footer, or None (version 0 has none).
+    """Beam (x, y) in µm from each stored pattern's footer, or None where the file has none.
 
-    Version 1 footers are two float64; later ones are ``bool, float64`` for
-    x then for y, either pair absent when its flag is false.
+    Version 0 has no footer; version 1 footers are two float64; later ones
+    are ``bool, float64`` for x, then for y, a value absent when its flag
+    is false.
     """
     if version == 0:
         return None
+    size = 16 if version == 1 else 18
     xy = np.empty((footers.size, 2))
     for i, at in enumerate(footers):
+        fh.seek(int(at))
+        raw = fh.read(size)
+        if version > 1 and ((len(raw) >= 1 and not raw[0]) or (len(raw) >= 10 and not raw[9])):
+            return None  # a beam position left out
+        if len(raw) < size:
+            raise PatternFileError(f"{p}: truncated: the footer of the pattern at byte {int(at)} "
+                                   "runs past the end of the file")
         if version == 1:
-            xy[i] = _read_array(fh, int(at), "<f8", 2, p)
-            continue
-        raw = _read_array(fh, int(at), "u1", 1, p)
-        if not raw[0]:
-            return None
-        xy[i, 0] = _read_array(fh, int(at) + 1, "<f8", 1, p)[0]
-        if not _read_array(fh, int(at) + 9, "u1", 1, p)[0]:
-            return None
-        xy[i, 1] = _read_array(fh, int(at) + 10, "<f8", 1, p)[0]
+            xy[i] = np.frombuffer(raw, "<f8", 2)
+        else:
+            xy[i] = np.frombuffer(raw, "<f8", 1, 1)[0], np.frombuffer(raw, "<f8", 1, 10)[0]
     return xy
 
 
@@ -1027,11 +1031,9 @@ def _stack(data: Any, p: Path, metadata: dict[str, Any], *, source: str | None =
            band_contrast: np.ndarray | None = None, grid: str = "square",
            properties: dict[str, np.ndarray] | None = None, phases: tuple[str, ...] = (),
            in_file: np.ndarray | None = None) -> PatternStack:
-    """The :class:`PatternStack` of a reader, its data checked and its background matched."""
+    """The :class:`PatternStack` of a reader's ``(ny, nx, sy, sx)`` data, checked, its background matched."""
     where = source or str(p)
     _check_shape(data.shape, data.dtype, where)
-    if data.ndim == 3:
-        data = data.reshape(1, *data.shape)
     pattern_shape = tuple(data.shape[2:])
     background = None
     if static_background is not None:
