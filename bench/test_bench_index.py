@@ -45,7 +45,8 @@ def test_bench_index_cli(benchmark, acceptance_map):
     out = folder / "out"
     command = [sys.executable, "-m", "dpm.cli", "--quiet", "index", str(folder / "patterns.npy"),
                "--master-pattern", str(folder / "li.h5"), "--pc", *map(str, PC),
-               "--memory-budget", "1GB", "--keep", "1", "--device", "cpu", "--out", str(out)]
+               "--memory-budget", "1GB", "--keep", "1", "--device", "cpu", "--overwrite",
+               "--out", str(out)]
 
     def run() -> None:
         subprocess.run(command, check=True, env=os.environ | {"MPLBACKEND": "Agg"})
@@ -59,7 +60,8 @@ def test_bench_index_cli(benchmark, acceptance_map):
     print(f"\ndpm index: {n} patterns of 60x60 vs {summary['dictionary_size']} orientations, "
           f"{os.cpu_count()} cores: total {timings['total']:.1f} s "
           f"({n / timings['total']:.0f} patterns/s end to end; sampling {timings['sampling']:.1f} s, "
-          f"match incl. dictionary {timings['match']:.1f} s); peak RSS {peak_mb:.0f} MB")
+          f"match incl. dictionary {timings['match']:.1f} s, refine {timings['refine']:.1f} s); "
+          f"peak RSS {peak_mb:.0f} MB")
 
     from orix import io as orix_io
     xmap = orix_io.load(out / "map.h5")

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +172,7 @@ def _load_toml(path: str) -> dict[str, Any]:
 
 def _index_options(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults < config file < command line."""
-    options: dict[str, Any] = {"phase": "li", "pc_convention": "bruker", "sample_tilt": 70.0,
-                               "detector_tilt": 0.0}
+    options: dict[str, Any] = {"phase": "li", "pc_convention": "bruker"}
     if args.config:
         options.update(_load_toml(args.config))
     options.update({k: getattr(args, k) for k in _INDEX_OPTIONS if getattr(args, k) is not None})
@@ -211,12 +211,20 @@ def _run_index(args: argparse.Namespace) -> int:
         raise UsageError("give the output folder: --out DIR, or out = \"DIR\" in the config file")
     out = prepare_output_dir(opts["out"])
     stack = read_patterns(args.patterns)
+    # Tilts not given: the file's, else the defaults (70°, 0°).
+    meta = getattr(stack, "metadata", {}) or {}
+    sample_tilt = opts.get("sample_tilt", meta.get("sample_tilt"))
+    detector_tilt = opts.get("detector_tilt", meta.get("detector_tilt"))
     if "pc" in opts:
         det = Detector.from_pc(tuple(opts["pc"]), convention=opts["pc_convention"],
-                               shape=stack.pattern_shape, sample_tilt=opts["sample_tilt"],
-                               tilt=opts["detector_tilt"])
+                               shape=stack.pattern_shape,
+                               sample_tilt=70.0 if sample_tilt is None else sample_tilt,
+                               tilt=0.0 if detector_tilt is None else detector_tilt)
     else:
         det = stack.detector
+        if det is not None and ("sample_tilt" in opts or "detector_tilt" in opts):
+            det = replace(det, sample_tilt=det.sample_tilt if sample_tilt is None else sample_tilt,
+                          tilt=det.tilt if detector_tilt is None else detector_tilt)
     if "grid" not in opts and getattr(stack, "grid", "square") != "square":
         opts["grid"] = stack.grid    # the file's grid
     fields = {k: opts[k] for k in _config_fields() - set(_TABLES) if k in opts}
@@ -320,7 +328,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 def _run_info(args: argparse.Namespace) -> int:
     from dpm.io.emsoft import read_master_pattern
-    from dpm.io.readers import PatternFileError, read_patterns
+    from dpm.io.readers import PatternFileError, describe, read_patterns
 
     try:
         stack = read_patterns(args.file)
@@ -335,12 +343,7 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"energy:         {mp.energy} keV; method {mp.method}")
         print(f"Lambert grid:   npx {mp.npx} ({2 * mp.npx + 1}^2 per hemisphere)")
         return EXIT_OK
-    print(f"file:          {stack.source}")
-    print(f"map shape:     {stack.map_shape} (ny, nx)")
-    print(f"pattern shape: {stack.pattern_shape} (sy, sx), dtype {stack.data.dtype}")
-    print(f"step size:     {stack.step_size} um")
-    print(f"detector:      {stack.detector}")
-    print(f"background:    {'yes' if stack.static_background is not None else 'no'}")
+    print(describe(stack))
     return EXIT_OK
 
 

@@ -747,7 +747,9 @@ def index(
         raw_mask = _resolve_mask(config.mask, stack, config, background, mask)
         resolved_bg, stored_pc = None, None
     given = background if config.preprocess.static_background == "given" else resolved_bg
+    t_sampling = time.perf_counter()
     rotations = sample_orientations(master.phase, config.resolution).data.astype(np.float32)
+    timings["sampling"] = time.perf_counter() - t_sampling
     context = _context(stack, det, raw_mask, config, given, xp, budget=budget, master=master,
                        rotations=rotations, device=device, blas_threads=threads)
     if store is not None and not store.manifest.get("resolved"):
@@ -841,8 +843,8 @@ def index(
         "preprocessing": config.preprocess.steps(stack.pattern_shape),
         "detector_shape": list(context.det_used.shape),
         "input_hash": content_hash, "memory_budget_bytes": int(budget),
-        "chunks": {"count": len(blocks), "patterns_per_chunk": per_chunk if store is None
-                   else (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]),
+        "chunks": {"count": len(blocks),
+                   "patterns_per_chunk": (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]),
                    "read_from_store": len(done)}}
     # The map stages with the chunks' BLAS threads, so their results do not depend on
     # the process either.

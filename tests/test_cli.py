@@ -273,3 +273,33 @@ def test_out_from_the_config_file(stack_file, master_file, tmp_path, capsys):
     cfg.write_text('pc = [0.5, 0.3, 0.6]\n')
     assert main(["--quiet", "index", str(stack_file), "--config", str(cfg)]) == 2
     assert "--out DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grid", ["SqrGrid", "HexGrid"])
+def test_index_an_edax_file_with_its_own_detector_and_grid(stack_file, master_file, tmp_path,
+                                                           grid, capsys):
+    """A vendor file gives the PC, tilt and grid: no --pc needed; same map as the .npy with --pc."""
+    from orix import io as orix_io
+
+    from vendor_files import hex_rows, write_edax_h5ebsd
+
+    patterns = np.load(stack_file)
+    if grid == "HexGrid":     # only the stored pixels hold patterns (TSL layout)
+        patterns = np.where(hex_rows(*patterns.shape[:2])[..., None, None], patterns, 0)
+    path = tmp_path / "scan.h5"
+    write_edax_h5ebsd(path, patterns, pc=(0.5, 0.7, 0.6), grid=grid)   # TSL of Bruker (0.5, 0.3, 0.6)
+    assert main(["info", str(path)]) == 0
+    info = capsys.readouterr().out
+    assert "0.5" in info and "0.3" in info and ("hexagonal" in info) == (grid == "HexGrid")
+    common = ["--master-pattern", str(master_file), "--resolution", "10", "--no-refine"]
+    assert main(["--quiet", "index", str(path), *common, "--out", str(tmp_path / "h5")]) == 0
+    summary = json.loads((tmp_path / "h5" / "summary.json").read_text())
+    assert np.allclose(summary["run"]["pc"], (0.5, 0.3, 0.6), atol=1e-6)
+    header = (tmp_path / "h5" / "map.ang").read_text().splitlines()
+    assert f"# GRID: {grid}" in header
+    if grid == "SqrGrid":
+        npy_out = tmp_path / "npy"
+        assert main(["--quiet", "index", str(stack_file), *common, "--pc", "0.5", "0.3", "0.6",
+                     "--out", str(npy_out)]) == 0
+        a, b = orix_io.load(tmp_path / "h5" / "map.h5"), orix_io.load(npy_out / "map.h5")
+        assert np.array_equal(a.rotations.data, b.rotations.data)
