@@ -89,6 +89,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dpm.grains import GrainMap
+from dpm.io.writers import atomic_write
 
 Kind = Literal["hagb", "lagb"]
 
@@ -524,7 +525,7 @@ def save_trace_rose(path: str | Path, traces: BoundaryTraces) -> None:
                  f"{100 * traces.perpendicular_fraction:.3g} % perpendicular", fontsize=9)
     fig.legend(loc="outside lower center", ncols=2, frameon=False, fontsize=8,
                title="bars: µm of boundary per bin", title_fontsize=8)
-    fig.savefig(str(path), dpi=150)
+    atomic_write(path, lambda tmp: fig.savefig(str(tmp), dpi=150))
     plt.close(fig)
 
 

@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from dpm.io.writers import atomic_write
+
 if TYPE_CHECKING:
     from orix.quaternion import Symmetry
 
@@ -780,10 +782,14 @@ def write_csv_table(columns: dict[str, np.ndarray], path: str | Path) -> None:
     """
     text = [np.asarray(c).astype(np.int64).astype(str) if np.asarray(c).dtype.kind in "biu"
             else np.char.mod("%.8g", np.asarray(c)) for c in columns.values()]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(list(columns))
-        writer.writerows(zip(*(t.tolist() for t in text)))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(list(columns))
+            writer.writerows(zip(*(t.tolist() for t in text)))
+
+    atomic_write(path, write)
 
 
 def write_grain_table_parquet(grain_map: GrainMap, path: str | Path) -> None:
@@ -795,7 +801,8 @@ def write_grain_table_parquet(grain_map: GrainMap, path: str | Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({c: np.asarray(grain_map.table[c]) for c in COLUMNS}), str(path))
+    table = pa.table({c: np.asarray(grain_map.table[c]) for c in COLUMNS})
+    atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
 
 
 def boundary_overlay(grain_map: GrainMap, rgb: np.ndarray, *, scale: int = 4) -> np.ndarray:
@@ -934,7 +941,8 @@ def write_grain_outputs(grain_map: GrainMap, xmap: Any, out: str | Path,
     write_grain_table_parquet(grain_map, paths[1])
     summary = grain_map.summary | {f"hagb_trace_{k}": v for k, v in traces.summary().items()
                                    if k not in ("boundary_kind", "interface_direction")}
-    paths[2].write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    atomic_write(paths[2], lambda tmp: tmp.write_text(json.dumps(_jsonable(summary), indent=2)
+                                                      + "\n"))
     write_trace_table(traces, paths[3])
     save_rgb(paths[4], boundary_overlay(grain_map, ipf_colors(xmap, "z")), scale=1)
     save_trace_rose(paths[5], traces)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dpm.io.writers import atomic_write
+
 
 def ipf_colors(xmap, direction: str = "z") -> np.ndarray:
     """IPF colours of the best match of every pixel along a sample direction.
@@ -55,7 +57,7 @@ def save_rgb(path: str | Path, rgb: np.ndarray, scale: int | None = None) -> Non
 
     scale = _scale(rgb.shape, scale)
     big = np.repeat(np.repeat(np.clip(rgb, 0, 1), scale, axis=0), scale, axis=1)
-    mpimg.imsave(str(path), big)
+    atomic_write(path, lambda tmp: mpimg.imsave(str(tmp), big))
 
 
 def save_scalar(path: str | Path, values: np.ndarray, cmap: str = "gray",
@@ -69,7 +71,8 @@ def save_scalar(path: str | Path, values: np.ndarray, cmap: str = "gray",
     v = np.asarray(values, dtype=float)
     big = np.repeat(np.repeat(v, scale, axis=0), scale, axis=1)
     colours = matplotlib.colormaps[cmap].with_extremes(bad="black")
-    mpimg.imsave(str(path), np.ma.masked_invalid(big), cmap=colours, vmin=vmin, vmax=vmax)
+    atomic_write(path, lambda tmp: mpimg.imsave(str(tmp), np.ma.masked_invalid(big), cmap=colours,
+                                                vmin=vmin, vmax=vmax))
 
 
 #: Sample directions of the IPF maps written by :func:`write_ipf_maps`.
@@ -86,7 +89,7 @@ def save_ipf_key(path: str | Path, point_group) -> None:
     from orix.plot import IPFColorKeyTSL
 
     fig = IPFColorKeyTSL(point_group.laue).plot(return_figure=True)
-    fig.savefig(str(path), dpi=150, bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(str(tmp), dpi=150, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -131,7 +134,7 @@ def save_histogram(path: str | Path, values: np.ndarray, *, xlabel: str, bins: i
         ax.legend(frameon=False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    fig.savefig(str(path), dpi=150)
+    atomic_write(path, lambda tmp: fig.savefig(str(tmp), dpi=150))
     plt.close(fig)
 
 

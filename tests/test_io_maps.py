@@ -504,7 +504,8 @@ def _index_result(xmap: CrystalMap, grid: str, details: dict | None = None):
     best = np.asarray(xmap.prop["scores"]).reshape(ny * nx, -1)[:, 0]
     return SimpleNamespace(xmap=xmap, config=config, scores=best.reshape(ny, nx),
                            band_contrast=xmap.prop["band_contrast"].reshape(ny, nx),
-                           details=details or {}, summary=lambda: {"patterns": ny * nx})
+                           details=details or {}, summary=lambda: {"patterns": ny * nx},
+                           run_config=lambda: {"phase": "li", "grid": grid})
 
 
 def _pipeline_map(keep: int = 4) -> CrystalMap:

@@ -57,7 +57,8 @@ def make(seed: int, ny: int = 12, nx: int = 12):
     config = SimpleNamespace(grid="square", to_dict=lambda: {"grid": "square"})
     result = SimpleNamespace(xmap=xmap, config=config, scores=props["scores"].reshape(ny, nx),
                              band_contrast=props["band_contrast"].reshape(ny, nx), details={},
-                             summary=lambda: {"patterns": n})
+                             summary=lambda: {"patterns": n},
+                             run_config=lambda: {"phase": "li", "grid": "square"})
     hemispheres = rng.uniform(0, 1, (2, 61, 61)).astype(np.float32)
     mp = MasterPattern(hemispheres[0], hemispheres[1], phase=get_phase("li"), energy=20.0,
                        method="kinematical", params={"npx": 30})
