@@ -50,11 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="simulate, index and analyse the bundled Li example")
+    d.add_argument("--config", help="TOML file with any of the options below")
     d.add_argument("--out", default="dpm-demo", help="output folder (default: ./dpm-demo)")
     d.add_argument("--device", default=None, choices=("auto", "cpu", "gpu"))
 
     s = sub.add_parser("simulate", help="simulate a master pattern (EMsoft HDF5 layout)")
-    s.add_argument("--phase", required=True, help="li, na, al, cu or a CIF file")
+    s.add_argument("--config", help="TOML file with any of the options below")
+    s.add_argument("--phase", help="li, na, al, cu or a CIF file (required)")
     s.add_argument("--kv", type=float, default=20.0, help="beam energy in kV (default 20)")
     s.add_argument("--npx", type=int, default=500, help="Lambert half-width in pixels (default 500)")
     s.add_argument("--method", default="dynamical", choices=("dynamical", "kinematical"),
@@ -62,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--energy-window", nargs=2, type=float, metavar=("LO", "HI"),
                    help="dynamical only: weight master patterns over this BSE energy window "
                         "(keV) by a Monte Carlo of backscattered electrons")
-    s.add_argument("--out", required=True, help="output .h5 file")
+    s.add_argument("--out", help="output .h5 file (required)")
 
     i = sub.add_parser("index", help="index a pattern stack")
     i.add_argument("patterns", help=".npy (n, sy, sx) or (ny, nx, sy, sx), or any kikuchipy file")
@@ -123,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("grains", help="grains and grain statistics of an orientation map")
     g.add_argument("map", help="orientation map: dpm's map.h5, an orix .h5, .ang or .ctf")
-    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--config", help="TOML file with any of the options below (the config.toml "
+                   "a run writes repeats it)")
+    g.add_argument("--out", help="output folder (required)")
     g.add_argument("--interface-direction", choices=("x", "y"), default="x",
                    help="map axis along the interface (default x)")
     g.add_argument("--high-angle", type=float, default=10.0,
@@ -153,6 +157,7 @@ def _config_fields() -> set[str]:
 
 
 def _load_toml(path: str) -> dict[str, Any]:
+    """The content of a TOML config file (UsageError naming it when missing or invalid)."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -164,9 +169,6 @@ def _load_toml(path: str) -> dict[str, Any]:
         raise UsageError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
-    unknown = set(data) - set(_INDEX_OPTIONS) - _config_fields()
-    if unknown:
-        raise UsageError(f"config file {path}: unknown option(s) {sorted(unknown)}")
     return data
 
 
@@ -174,7 +176,11 @@ def _index_options(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults < config file < command line."""
     options: dict[str, Any] = {"phase": "li", "pc_convention": "bruker"}
     if args.config:
-        options.update(_load_toml(args.config))
+        data = _load_toml(args.config)
+        unknown = set(data) - set(_INDEX_OPTIONS) - _config_fields()
+        if unknown:
+            raise UsageError(f"config file {args.config}: unknown option(s) {sorted(unknown)}")
+        options.update(data)
     options.update({k: getattr(args, k) for k in _INDEX_OPTIONS if getattr(args, k) is not None})
     for flag, (table, name) in _TABLE_OPTIONS.items():
         value = getattr(args, flag)
@@ -274,23 +280,67 @@ def _write_grains(xmap: Any, out: Path, config: Any, boundary_config: Any) -> An
     return grain_map
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return actions[0].choices[command]
+
+
+def _with_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      argv: list[str] | None) -> argparse.Namespace:
+    """Arguments of ``dpm simulate|grains|demo`` with the ``--config`` file's options as defaults.
+
+    The file holds any option of the command, spelled as its long flag
+    without dashes and with ``_`` for ``-`` (``high_angle = 15``); the
+    command line overrides it. (``dpm index`` has its own, with tables.)
+    """
+    if args.command == "index" or not getattr(args, "config", None):
+        return args
+    sub = _subparser(parser, args.command)
+    data = _load_toml(args.config)
+    options = {a.dest for a in sub._actions if a.option_strings} - {"help", "config"}
+    unknown = set(data) - options
+    if unknown:
+        raise UsageError(f"config file {args.config}: unknown option(s) {sorted(unknown)} for "
+                         f"dpm {args.command} (known: {sorted(options)})")
+    sub.set_defaults(**data)
+    return parser.parse_args(argv)
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) is None:
+            raise UsageError(f"give --{name.replace('_', '-')} (or {name} = ... in the "
+                             "--config file)")
+
+
+def _resolved_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of a command as its config file spells them (for ``config.toml``)."""
+    skip = {"command", "config", "debug", "quiet"}
+    return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+
+
 def _run_grains(args: argparse.Namespace) -> int:
     from dpm.boundaries import BoundaryConfig
     from dpm.grains import GrainConfig
     from dpm.io.readers import read_map
-    from dpm.io.writers import prepare_output_dir
+    from dpm.io.writers import atomic_write, prepare_output_dir, to_toml
     from dpm.maps import write_ipf_maps, write_property_maps
 
+    _require(args, "out")
     path = Path(args.map)
     orientation_map = read_map(path)
     out = prepare_output_dir(args.out)
+    if args.grid is None:
+        args.grid = orientation_map.grid
     grain_map = _write_grains(orientation_map.xmap, out, GrainConfig(
         high_angle=args.high_angle, low_angle=args.low_angle, min_size=args.min_size,
         interface_direction=args.interface_direction,
-        grid=args.grid or orientation_map.grid),  # step: the map's
+        grid=args.grid),  # step: the map's
         BoundaryConfig(perpendicular_tolerance=args.perpendicular_tolerance))
     write_ipf_maps(orientation_map.xmap, out)
     write_property_maps(orientation_map.xmap, out, orientation_map.map_shape)
+    options = {k: v for k, v in _resolved_options(args).items() if k not in ("map", "out")}
+    atomic_write(out / "config.toml", lambda tmp: tmp.write_text(to_toml(options)))
     s = grain_map.summary
     print(f"{s['n_grains']} grains in {path.name}: mean width {s['mean_width_um']:.2f} um, "
           f"mean ECD {s['mean_ecd_um']:.2f} um, indexing rate {s['indexing_rate']:.3f}; "
@@ -310,6 +360,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
     from dpm.io.emsoft import write_master_pattern
     from dpm.master.cache import cached_master_pattern
 
+    _require(args, "phase", "out")
     t = time.perf_counter()
     options = {}
     if args.energy_window:
@@ -353,13 +404,15 @@ _COMMANDS = {"index": _run_index, "demo": _run_demo, "simulate": _run_simulate,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dpm`` command; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="dpm: %(message)s")
     from dpm.backend import GPUUnavailableError
     from dpm.io.writers import OutputError
 
     try:
+        args = _with_config_file(parser, args, argv)
         return _COMMANDS[args.command](args)
     except OutputError as e:
         if args.debug:

@@ -303,3 +303,45 @@ def test_index_an_edax_file_with_its_own_detector_and_grid(stack_file, master_fi
                      "--out", str(npy_out)]) == 0
         a, b = orix_io.load(tmp_path / "h5" / "map.h5"), orix_io.load(npy_out / "map.h5")
         assert np.array_equal(a.rotations.data, b.rotations.data)
+
+
+def test_grains_and_simulate_take_a_config_file(tmp_path, capsys):
+    """Every option of dpm grains and dpm simulate can come from --config; the CLI overrides it;
+    dpm grains writes the resolved options, which repeat the run."""
+    mp_cfg = tmp_path / "sim.toml"
+    mp_cfg.write_text(f'phase = "na"\nkv = 15.0\nnpx = 20\nmethod = "kinematical"\n'
+                      f'out = "{tmp_path / "na.h5"}"\n')
+    assert main(["--quiet", "simulate", "--config", str(mp_cfg), "--npx", "24"]) == 0
+    from dpm.io.emsoft import read_master_pattern
+    mp = read_master_pattern(tmp_path / "na.h5")
+    assert mp.npx == 24 and mp.energy == 15.0 and mp.phase.space_group.number == 229
+
+    from orix import io as orix_io
+    from orix.crystal_map import CrystalMap, PhaseList
+    from orix.quaternion import Rotation
+
+    from dpm.crystal import get_phase
+    from dpm.synthetic import columnar_grains, random_quaternions
+
+    rng = np.random.default_rng(4)
+    ids = columnar_grains(SyntheticConfig(map_shape=(12, 30), grain_width=6), rng)
+    q = random_quaternions(int(ids.max()) + 1, rng)[ids.ravel()]
+    y, x = np.divmod(np.arange(ids.size), 30)
+    orix_io.save(str(tmp_path / "film.ang"), CrystalMap(
+        Rotation(q), x=x * 2.0, y=y * 2.0, phase_list=PhaseList(get_phase("li")), scan_unit="um"))
+    cfg = tmp_path / "grains.toml"
+    cfg.write_text(f'high_angle = 12.0\nmin_size = 3\nout = "{tmp_path / "g1"}"\n')
+    assert main(["--quiet", "grains", str(tmp_path / "film.ang"), "--config", str(cfg),
+                 "--min-size", "2"]) == 0
+    written = (tmp_path / "g1" / "config.toml").read_text()
+    assert "high_angle = 12.0" in written and "min_size = 2" in written
+    assert main(["--quiet", "grains", str(tmp_path / "film.ang"), "--config",
+                 str(tmp_path / "g1" / "config.toml"), "--out", str(tmp_path / "g2")]) == 0
+    assert (tmp_path / "g1" / "grains.csv").read_text() == (tmp_path / "g2" / "grains.csv").read_text()
+    capsys.readouterr()
+    cfg.write_text('high_angel = 12.0\n')
+    assert main(["--quiet", "grains", str(tmp_path / "film.ang"), "--config", str(cfg),
+                 "--out", str(tmp_path / "g3")]) == 2
+    assert "high_angel" in capsys.readouterr().err
+    assert main(["--quiet", "simulate", "--phase", "li"]) == 2
+    assert "--out" in capsys.readouterr().err
