@@ -223,3 +223,42 @@ def test_local_cluster_equals_the_single_process_run(stack_file, master_file, un
         assert main(["--quiet", *_args(stack_file, master_file, out, "--scheduler",
                                        cluster.scheduler_address)]) == 0
     _assert_same_results(out, uninterrupted)
+
+
+def _bad_inputs(folder, smap):
+    """Pattern files that must be refused: (path, words the one-line error must hold)."""
+    import h5py
+
+    from vendor_files import write_bruker_h5ebsd, write_edax_h5ebsd
+
+    patterns = smap.patterns
+    truncated = folder / "truncated.h5"
+    write_edax_h5ebsd(truncated, patterns, pc=(0.5, 0.7, 0.6))
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    rank = folder / "rank.h5"
+    with h5py.File(rank, "w") as f:
+        f["patterns"] = patterns[0, 0]                 # one 2-D pattern, not a stack
+    pc = folder / "pc.h5"
+    write_bruker_h5ebsd(pc, patterns, pc=(1.7, 0.3, 0.6))
+    return [(truncated, ["truncated.h5"]), (rank, ["rank.h5", "patterns"]),
+            (pc, ["pc.h5", "1.7"])]
+
+
+def test_bad_input_ends_with_one_line_and_exit_2_losing_nothing(smap, master_file, uninterrupted,
+                                                                tmp_path, capsys):
+    """A truncated HDF5 file, a dataset of the wrong rank and a PC outside [0, 1] in the file:
+    exit 2, one line naming the problem, and the results already in the folder untouched."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for path, words in _bad_inputs(tmp_path, smap):
+        capsys.readouterr()
+        code = main(["index", str(path), "--master-pattern", str(master_file), "--resolution",
+                     "10", "--out", str(out), "--resume"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, (path.name, err)
+        assert all(w in err[0] for w in words), err[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
