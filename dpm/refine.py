@@ -315,7 +315,11 @@ def _lambert_gradient(x: float, y: float, z: float, s: float, a: float, b: float
     return c * y, -c * x, gz
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
+# Not cached: with numba 0.68 a cache-loaded copy of this fast-math parallel kernel computes
+# other last bits than a freshly compiled one (each is deterministic), so a run whose first
+# chunks were refined before the cache existed and the rest after it (an interrupted first
+# run, resumed) would not be bit-identical. Compiling costs about 5 s per process.
+@nb.njit(parallel=True, fastmath=True, cache=False)
 def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx: float, sy: float,
                        patterns: np.ndarray, item_pattern: np.ndarray, quaternions: np.ndarray,
                        pcs: np.ndarray, n_params: int, out: np.ndarray) -> None:  # pragma: no cover
