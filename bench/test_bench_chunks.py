@@ -53,7 +53,7 @@ def test_bench_peak_memory_at_a_fixed_budget(benchmark, stacks, n, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     timings = summary["timings_s"]
     benchmark.extra_info.update(peak_rss_mb=peak["mb"], patterns=n, cores=os.cpu_count(),
-                                chunks=summary["chunks"]["count"], **timings)
+                                n_chunks=summary["chunks"]["count"], **timings)
     print(f"\ndpm index, {n} patterns of 60x60, 4° dictionary ({summary['dictionary_size']} "
           f"orientations), --memory-budget 256MB, {os.cpu_count()} cores: "
           f"{summary['chunks']['count']} chunks, {timings['total']:.1f} s "
