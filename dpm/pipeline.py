@@ -519,7 +519,8 @@ def _manifest(stack, det, master, config: IndexConfig, blocks, budget: int, devi
                   "fingerprint": fingerprint(stack.source if is_file else None,
                                              None if is_file else stack.data)},
         "config": run_config, "blocks": [list(b) for b in blocks], "memory_budget": int(budget),
-        "device": device, "blas_threads": blas_threads()}
+        "memory_budget_given": config.memory_budget, "device": device,
+        "blas_threads": blas_threads()}
 
 
 #: Per-pattern result arrays of the chunk stage: name -> (dtype, trailing shape; "keep" = config.keep).

@@ -196,10 +196,13 @@ class ResultStore:
                 raise ResumeError(f"--resume: the {key} differs from the run in {path} "
                                   f"({', '.join(differ)}); resume with the same {key} or "
                                   "start a new run")
-        for key in ("device", "memory_budget", "blas_threads"):
+        # The stored run's device, budget and BLAS threads are kept; say so when the
+        # command asked for others (a default budget, half the free memory, is not asked).
+        for key in ("device", "memory_budget_given", "blas_threads"):
             if stored.get(key) != new.get(key):
+                name = key.removesuffix("_given")
                 log.warning("resuming with the stored run's %s %s (given: %s), so the "
-                            "results equal an uninterrupted run's", key, stored.get(key),
+                            "results equal an uninterrupted run's", name, stored.get(name),
                             new.get(key))
 
     def update(self, **entries: Any) -> None:
