@@ -728,7 +728,9 @@ def index(
     threads = blas_threads()
     store = None
     if out is not None:
-        store = ResultStore.open(out, _manifest(stack, det, master, config, blocks, budget, device,
+        from dpm.io.writers import prepare_output_dir
+
+        store = ResultStore.open(prepare_output_dir(out), _manifest(stack, det, master, config, blocks, budget, device,
                                                 step_size, mask, background),
                                  resume=resume, overwrite=overwrite)
         budget, blocks = store.manifest["memory_budget"], store.blocks
