@@ -25,7 +25,6 @@ block by block from the pattern file and cached within a byte budget.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -204,14 +203,11 @@ def project_dictionary(dictionary: Any, xp: ModuleType) -> Any:
 
 def _dictionary_key(dictionary: Any, master: Any) -> str:
     """Hash of everything a dictionary's patterns depend on."""
-    h = hashlib.blake2b(digest_size=16)
-    for array in (master.northern, master.southern, dictionary.quaternions,
-                  dictionary.mask if dictionary.mask is not None else np.zeros(0)):
-        a = np.ascontiguousarray(array)
-        h.update(f"{a.shape}{a.dtype.str}".encode())
-        h.update(memoryview(a).cast("B"))
-    h.update(repr(dictionary.detector).encode())
-    return h.hexdigest()
+    from dpm.store import array_hash
+
+    mask = dictionary.mask if dictionary.mask is not None else np.zeros(0)
+    return array_hash(master.northern, master.southern, dictionary.quaternions, mask,
+                      extra=repr(dictionary.detector))
 
 
 class DictionaryFile:
@@ -326,14 +322,14 @@ def _index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dic
     from dpm.match import MatchConfig, match
     from dpm.pipeline import pattern_quality_maps
     from dpm.refine import refine
-    from dpm.store import block_hash
+    from dpm.store import array_hash
 
     config = context.config
     nx = context.map_shape[1]
     seconds: dict[str, float] = {}
     hashes: list[str] = []
     t = time.perf_counter()
-    rows, readable = block_rows(context, block, digest=lambda raw: hashes.append(block_hash(raw)))
+    rows, readable = block_rows(context, block, digest=lambda raw: hashes.append(array_hash(raw)))
     seconds["preprocess"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -28,7 +28,6 @@ The CLI (:mod:`dpm.cli`) is a thin shell over this module.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 import uuid
@@ -334,6 +333,11 @@ def _check_readable(stack, readable: np.ndarray) -> None:
                     "column %d)", int((~readable).sum()), first, first // nx, first % nx)
 
 
+def _from_file(stack) -> bool:
+    """Whether a stack's patterns come from a file that other processes can open."""
+    return stack.source != "array" and Path(stack.source).exists()
+
+
 def _context(stack, det, raw_mask: np.ndarray | None, config: IndexConfig,
              background: np.ndarray | None, xp, *, budget: int, master, rotations,
              key: str = "", device: str | None = None, blas_threads: int = 1):
@@ -344,7 +348,7 @@ def _context(stack, det, raw_mask: np.ndarray | None, config: IndexConfig,
     pre = config.preprocess
     bg = resolve_static_background(stack, pre, background=background, mask=raw_mask,
                                    chunk_size=config.chunk_size)
-    is_file = stack.source != "array" and Path(stack.source).exists()
+    is_file = _from_file(stack)
     context = ChunkContext(
         key=key or uuid.uuid4().hex, source=stack.source if is_file else None,
         data=None if is_file else stack.data, map_shape=stack.map_shape, detector=det,
@@ -488,15 +492,11 @@ def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]],
 
 
 def _content_hash(*arrays: Any) -> str | None:
-    """BLAKE2b of arrays given by the caller (mask, background), for the run manifest."""
-    present = [np.ascontiguousarray(np.asarray(a)) for a in arrays if a is not None]
-    if not present:
-        return None
-    h = hashlib.blake2b(digest_size=16)
-    for a in present:
-        h.update(f"{a.shape}{a.dtype.str}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
+    """:func:`dpm.store.array_hash` of the arrays given (mask, background), None for none."""
+    from dpm.store import array_hash
+
+    present = [a for a in arrays if a is not None]
+    return array_hash(*present) if present else None
 
 
 def _manifest(stack, det, master, config: IndexConfig, blocks, budget: int, device: str,
@@ -506,7 +506,7 @@ def _manifest(stack, det, master, config: IndexConfig, blocks, budget: int, devi
     from dpm.chunks import blas_threads
     from dpm.store import fingerprint
 
-    is_file = stack.source != "array" and Path(stack.source).exists()
+    is_file = _from_file(stack)
     run_config = {k: v for k, v in config.to_dict().items() if k not in ("device", "memory_budget")}
     run_config |= {"phase": master.phase.name,
                    "master_pattern": _content_hash(master.northern, master.southern),

@@ -72,10 +72,7 @@ def fingerprint(source: str | Path | None, data: Any = None) -> str:
                     fh.seek(span * k // (FINGERPRINT_SAMPLES - 1))
                     h.update(fh.read(FINGERPRINT_BLOCK))
         return h.hexdigest()
-    array = np.ascontiguousarray(np.asarray(data))
-    h.update(f"{array.shape}{array.dtype.str}".encode())
-    h.update(memoryview(array).cast("B"))
-    return h.hexdigest()
+    return array_hash(data)
 
 
 def combined_hash(chunk_hashes: list[str]) -> str:
@@ -83,11 +80,16 @@ def combined_hash(chunk_hashes: list[str]) -> str:
     return hashlib.blake2b("".join(chunk_hashes).encode(), digest_size=16).hexdigest()
 
 
-def block_hash(raw: np.ndarray) -> str:
-    """Content hash of one chunk's raw patterns (hex BLAKE2b, 32 characters)."""
-    raw = np.ascontiguousarray(raw)
-    h = hashlib.blake2b(f"{raw.shape}{raw.dtype.str}".encode(), digest_size=16)
-    h.update(memoryview(raw).cast("B"))
+def array_hash(*arrays: Any, extra: str = "") -> str:
+    """Content hash of arrays (hex BLAKE2b, 32 characters): each array's shape, dtype and
+    bytes in turn, then ``extra``. Used for a chunk's raw patterns, an array input, the
+    mask and background a caller gives, and the dictionary cache's file names."""
+    h = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        a = np.ascontiguousarray(np.asarray(array))
+        h.update(f"{a.shape}{a.dtype.str}".encode())
+        h.update(memoryview(a).cast("B"))
+    h.update(extra.encode())
     return h.hexdigest()
 
 
