@@ -1,4 +1,5 @@
-"""Tests for dpm.sampling: the fundamental-zone grid is orix's, and it covers SO(3)."""
+"""Tests for dpm.sampling: the fundamental-zone grid is orix's, it covers SO(3), and its
+lattice positions, coarse sub-grids and neighbour boxes are those of the cubochoric cube."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ import pytest
 from orix.crystal_map import Phase
 from orix.quaternion import Orientation, Rotation
 from orix.quaternion.symmetry import Oh
-from orix.sampling import get_sample_fundamental
+from orix.sampling import get_sample_fundamental, uniform_SO3_sample
 from scipy.spatial import cKDTree
 
-from dpm.sampling import sample_orientations
+from dpm.sampling import cubochoric_grid, sample_orientations
 
 RESOLUTION = 2.0
 
 
 @pytest.fixture(scope="module")
 def grid_m3m() -> Rotation:
-    """The 2° grid of m-3m through dpm (about 7 s, shared by the tests below)."""
+    """The 2° grid of m-3m through dpm (shared by the tests below)."""
     return sample_orientations("m-3m", RESOLUTION)
 
 
@@ -28,7 +29,8 @@ class TestSampleOrientations:
         reference = get_sample_fundamental(RESOLUTION, point_group=Oh.proper_subgroup,
                                            method="cubochoric")
         assert grid_m3m.size == reference.size == 100_347  # DYNAMICAL.md §7, orix 0.15
-        np.testing.assert_array_equal(grid_m3m.data, reference.data)
+        # Same points in the same order; orix evaluates the formulas with fast math.
+        np.testing.assert_allclose(grid_m3m.data, reference.data, rtol=0, atol=1e-12)
 
     def test_random_orientations_lie_near_a_sample(self, grid_m3m: Rotation) -> None:
         # Nearest neighbour in quaternion space is exact: for unit quaternions
@@ -64,7 +66,7 @@ class TestSampleOrientations:
     def test_accepts_name_point_group_and_phase(self, spec: object) -> None:
         rotations = sample_orientations(spec, resolution=10)
         reference = get_sample_fundamental(10, point_group=Oh.proper_subgroup)
-        np.testing.assert_array_equal(rotations.data, reference.data)
+        np.testing.assert_allclose(rotations.data, reference.data, rtol=0, atol=1e-12)
 
     def test_logs_count(self, caplog: pytest.LogCaptureFixture) -> None:
         with caplog.at_level(logging.INFO, logger="dpm"):
@@ -87,3 +89,56 @@ class TestSampleOrientations:
     def test_phase_without_point_group(self) -> None:
         with pytest.raises(ValueError, match="no point group"):
             sample_orientations(Phase(name="empty"))
+
+
+PROPER_GROUPS = ["1", "2", "3", "4", "6", "222", "32", "422", "622", "23", "432"]
+
+
+class TestCubochoricGrid:
+    @pytest.mark.parametrize("name", PROPER_GROUPS)
+    def test_every_proper_group_equals_orix(self, name: str) -> None:
+        point_group = Phase(point_group=name).point_group
+        grid = cubochoric_grid(point_group, 9.0)
+        reference = get_sample_fundamental(9.0, point_group=point_group, method="cubochoric")
+        assert len(grid) == reference.size
+        np.testing.assert_allclose(grid.rotations.data, reference.data, rtol=0, atol=1e-12)
+
+    def test_lattice_positions_are_those_of_orix_full_cube(self) -> None:
+        # orix's unreduced cubochoric sample lists the whole cube in lattice order,
+        # i (slowest), j, k over [-N + 1, N]: a point's linear key is its row there.
+        grid = cubochoric_grid("m-3m", 7.0)
+        full = uniform_SO3_sample(7.0, method="cubochoric", unique=False)
+        assert full.size == (2 * grid.steps) ** 3
+        np.testing.assert_allclose(full.data[grid.keys], grid.rotations.data, rtol=0, atol=1e-12)
+        assert np.all(np.diff(grid.keys) > 0)
+
+    def test_coarse_subgrid_is_the_grid_of_every_factorth_point(self) -> None:
+        grid = cubochoric_grid("m-3m", 2.0)
+        rows = grid.coarse(3)
+        assert np.all(grid.lattice[rows] % 3 == 0)
+        assert np.array_equal(grid.rotations.data[rows[np.all(grid.lattice[rows] == 0, axis=1)]],
+                              [[1.0, 0.0, 0.0, 0.0]])
+        # Three times the spacing: about a 27th of the points (zone faces aside).
+        assert abs(rows.size * 27 / len(grid) - 1) < 0.1
+        with pytest.raises(ValueError, match="positive integer"):
+            grid.coarse(0)
+
+    def test_neighbour_boxes_against_brute_force(self) -> None:
+        grid = cubochoric_grid("m-3m", 5.0)
+        rows = np.random.default_rng(1).choice(len(grid), 40, replace=False)
+        boxes = grid.neighbours(rows, 2)
+        assert boxes.shape == (40, 125)
+        for row, box in zip(rows, boxes):
+            distance = np.abs(grid.lattice - grid.lattice[row]).max(axis=1)
+            np.testing.assert_array_equal(np.sort(box[box >= 0]), np.flatnonzero(distance <= 2))
+        # A box of radius r holds orientations within about r lattice steps of
+        # its centre: at 5° and r = 2, none beyond 2.5 x 2 x 5° of rotation.
+        centre = Rotation(grid.rotations.data[np.repeat(rows, 125)])
+        found = boxes.ravel() >= 0
+        other = Rotation(grid.rotations.data[boxes.ravel()[found]])
+        angles = np.rad2deg((~centre[found] * other).angle)
+        assert angles.max() < 25.0
+
+    def test_bad_radius(self) -> None:
+        with pytest.raises(ValueError, match="radius"):
+            cubochoric_grid("m-3m", 10.0).neighbours(np.array([0]), -1)
