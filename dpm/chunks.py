@@ -101,6 +101,12 @@ class ChunkContext:
         setting: OpenBLAS's float32 products change in the last bits with the
         thread count, so fixing it makes a chunk's results the same in any
         process (a resumed run on another machine, a Dask worker).
+    lattice : (m, 3) int32 array or None
+        Cubochoric lattice position of every dictionary orientation
+        (:class:`dpm.sampling.CubochoricGrid`), which the coarse-to-fine search
+        needs; None allows the exhaustive search only.
+    lattice_steps
+        Semi-edge steps of that lattice.
     """
 
     key: str
@@ -119,6 +125,8 @@ class ChunkContext:
     budget: int
     device: str
     blas_threads: int = 1
+    lattice: np.ndarray | None = None
+    lattice_steps: int = 0
     _local: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -158,14 +166,19 @@ class ChunkContext:
         pc = tuple(round(float(v), 12) for v in self.det_used.pc)
         return _cached(self.key, f"dictionary{pc}", self._build_dictionary)
 
-    def _build_dictionary(self) -> Any:
-        from dpm.dictionary import Dictionary
+    def _dictionary_master(self) -> Any:
+        """The master pattern dictionary rows are projected from (pixel-integrated if asked)."""
         from dpm.projection import integrate_pixels
 
-        master = self.master
-        if self.config.pixel_integration:
-            master = integrate_pixels(master, self.det_used,
-                                      orientation_spread=self.config.resolution / 2)
+        if not self.config.pixel_integration:
+            return self.master
+        return _cached(self.key, "dictionary_master", lambda: integrate_pixels(
+            self.master, self.det_used, orientation_spread=self.config.resolution / 2))
+
+    def _build_dictionary(self) -> Any:
+        from dpm.dictionary import Dictionary
+
+        master = self._dictionary_master()
         dictionary = Dictionary(master, self.det_used, self.rotations, mask=self.mask_used)
         nbytes = len(dictionary) * dictionary.n_pixels * 4
         if nbytes <= self.budget // 4:
@@ -174,6 +187,45 @@ class ChunkContext:
                  "(%.2f GB): read from the on-disk cache", len(dictionary), nbytes / 1e9,
                  self.budget / 4e9)
         return DictionaryFile.cached(dictionary, master)
+
+    def search(self) -> tuple[Any, Any, np.ndarray, Any]:
+        """This process's coarse-to-fine search state for ``det_used``.
+
+        Returns
+        -------
+        fine, grid, coarse_rows, coarse
+            The fine rows (:class:`dpm.search.FineRows`, projected on demand and
+            kept within a quarter of the budget), the grid with its lattice, the
+            rows of the coarse grid and the coarse dictionary on the device.
+        """
+        pc = tuple(round(float(v), 12) for v in self.det_used.pc)
+        return _cached(self.key, f"search{pc}", self._build_search)
+
+    def _build_search(self) -> tuple[Any, Any, np.ndarray, Any]:
+        from orix.quaternion import Rotation
+
+        from dpm.dictionary import Dictionary
+        from dpm.projection import integrate_pixels
+        from dpm.sampling import CubochoricGrid
+        from dpm.search import FineRows
+
+        if self.lattice is None:
+            raise ValueError("the coarse-to-fine search needs the dictionary's lattice positions")
+        grid = CubochoricGrid(rotations=Rotation(self.rotations), lattice=self.lattice,
+                              steps=self.lattice_steps, resolution=self.config.resolution,
+                              point_group=self.master.phase.point_group.proper_subgroup.name)
+        dictionary = Dictionary(self._dictionary_master(), self.det_used, self.rotations,
+                                mask=self.mask_used)
+        fine = FineRows(dictionary, self.xp, capacity=self.budget // 4)
+        factor = self.config.search.coarse_factor
+        coarse_rows = grid.coarse(factor)
+        # The coarse patterns stand for cells `factor` times wider: low-passed for them
+        # (whether or not the fine dictionary is), or the right cell would not rank first.
+        master = integrate_pixels(self.master, self.det_used,
+                                  orientation_spread=factor * self.config.resolution / 2)
+        coarse = Dictionary(master, self.det_used, self.rotations[coarse_rows],
+                            mask=self.mask_used)
+        return fine, grid, coarse_rows, project_dictionary(coarse, self.xp)
 
     def refinement_master(self) -> Any:
         from dpm.refine import refinement_master
@@ -318,8 +370,27 @@ def index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dict
         return _index_chunk(context, block)
 
 
-def _index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dict[str, Any]:
+def match_rows(context: ChunkContext, rows: Any, keep: int) -> Any:
+    """Best ``keep`` dictionary matches of normalised rows, by the run's search method.
+
+    Returns
+    -------
+    dpm.match.MatchResult
+        Rows of the context's orientations and their NCC, best first.
+    """
     from dpm.match import MatchConfig, match
+    from dpm.search import coarse_to_fine
+
+    search = context.config.search
+    budget = max(1, context.budget // 2)
+    if search.uses_coarse_to_fine(context.config.resolution) and context.lattice is not None:
+        fine, grid, coarse_rows, coarse = context.search()
+        return coarse_to_fine(rows, fine, grid, coarse, coarse_rows, keep=keep, config=search,
+                              memory_budget=budget)
+    return match(rows, context.dictionary(), config=MatchConfig(keep=keep, memory_budget=budget))
+
+
+def _index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dict[str, Any]:
     from dpm.pipeline import pattern_quality_maps
     from dpm.refine import refine
     from dpm.store import array_hash
@@ -342,8 +413,7 @@ def _index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dic
     seconds["band_contrast"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    found = match(rows, context.dictionary(),
-                  config=MatchConfig(keep=config.keep, memory_budget=max(1, context.budget // 2)))
+    found = match_rows(context, rows, config.keep)
     indices = backend.to_host(found.indices)
     dict_scores = backend.to_host(found.scores).astype(np.float32)
     dict_scores[~readable] = 0.0

@@ -31,12 +31,13 @@ _TABLE_OPTIONS = {
     "gaussian": ("preprocess", "gaussian_sigma"),
     "average_neighbours": ("preprocess", "neighbour_sigma"),
     "refine_pc": ("refinement", "pattern_centre"),
+    "search": ("search", "method"),
     "zero_solution_threshold": ("zero_solutions", "threshold"),
     "band_contrast_threshold": ("zero_solutions", "band_contrast_threshold"),
     "interface_direction": ("grains", "interface_direction"),
 }
 _TABLES = ("preprocess", "refinement", "zero_solutions", "cleanup", "pseudo_symmetry", "grains",
-           "boundaries")
+           "boundaries", "search")
 
 
 class UsageError(ValueError):
@@ -106,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="Gaussian filter of each pattern, σ in pixels (the sodium step)")
     i.add_argument("--average-neighbours", type=float, metavar="SIGMA",
                    help="average neighbouring patterns with a Gaussian window of σ map pixels")
+    i.add_argument("--search", choices=("coarse-to-fine", "exhaustive"),
+                   help="dictionary search: coarse-to-fine (default: a 2x coarser grid, then "
+                   "the fine grid near each pattern's best coarse matches) or exhaustive")
     i.add_argument("--refine-pc", choices=("fixed", "shared", "pattern"),
                    help="pattern centre in refinement: fixed (default), one shared PC fitted "
                    "for the map, or per pattern")
@@ -211,6 +215,7 @@ def _run_index(args: argparse.Namespace) -> int:
     from dpm.preprocess import PreprocessConfig
     from dpm.pseudo_symmetry import PseudoSymmetryConfig
     from dpm.refine import RefineConfig
+    from dpm.search import SearchConfig
 
     opts = _index_options(args)
     if not opts.get("out"):
@@ -242,7 +247,7 @@ def _run_index(args: argparse.Namespace) -> int:
     for table, cls in (("preprocess", PreprocessConfig), ("refinement", RefineConfig),
                        ("zero_solutions", ZeroSolutionConfig), ("cleanup", MapCleanupConfig),
                        ("pseudo_symmetry", PseudoSymmetryConfig), ("grains", GrainConfig),
-                       ("boundaries", BoundaryConfig)):
+                       ("boundaries", BoundaryConfig), ("search", SearchConfig)):
         if table in opts:
             try:
                 fields[table] = None if opts[table] is None else cls(**opts[table])

@@ -44,6 +44,7 @@ from dpm.grains import GrainConfig, Grid, check_grid
 from dpm.preprocess import PreprocessConfig
 from dpm.pseudo_symmetry import PseudoSymmetryConfig
 from dpm.refine import RefineConfig
+from dpm.search import SearchConfig
 
 log = logging.getLogger("dpm")
 
@@ -69,6 +70,11 @@ class IndexConfig:
         Orientation sampling of the dictionary in degrees.
     keep
         Best matches kept per pattern.
+    search
+        How the dictionary is searched (:mod:`dpm.search`): coarse-to-fine by
+        default (a coarse grid first, then the fine grid near each pattern's
+        best coarse matches; the exhaustive result on ≥ 99.9 % of diffracting
+        pixels at a fraction of the work), or exhaustive.
     pixel_integration
         Low-pass the master pattern before projecting the dictionary
         (:func:`dpm.projection.integrate_pixels`) to the detector's pixel size
@@ -147,6 +153,7 @@ class IndexConfig:
     grid: Grid = "square"
     grains: GrainConfig = field(default_factory=GrainConfig)
     boundaries: BoundaryConfig = field(default_factory=BoundaryConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         check_grid(self.grid)
@@ -340,7 +347,8 @@ def _from_file(stack) -> bool:
 
 def _context(stack, det, raw_mask: np.ndarray | None, config: IndexConfig,
              background: np.ndarray | None, xp, *, budget: int, master, rotations,
-             key: str = "", device: str | None = None, blas_threads: int = 1):
+             key: str = "", device: str | None = None, blas_threads: int = 1,
+             lattice: np.ndarray | None = None, lattice_steps: int = 0):
     """A :class:`dpm.chunks.ChunkContext` for a stack (its ``background`` resolved here)."""
     from dpm.chunks import ChunkContext
     from dpm.preprocess import bin_mask, binned_detector, resolve_static_background
@@ -356,7 +364,8 @@ def _context(stack, det, raw_mask: np.ndarray | None, config: IndexConfig,
         raw_mask=raw_mask, mask_used=bin_mask(raw_mask, pre.binning) if raw_mask is not None else None,
         background=bg, file_band_contrast=stack.band_contrast, master=master,
         rotations=rotations, config=config, budget=int(budget),
-        device=device or ("cpu" if xp is np else "gpu"), blas_threads=int(blas_threads))
+        device=device or ("cpu" if xp is np else "gpu"), blas_threads=int(blas_threads),
+        lattice=lattice, lattice_steps=int(lattice_steps))
     context._local["stack"] = stack
     return context
 
@@ -455,10 +464,7 @@ def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]],
     starting PC (projected on the fly), then its orientations and the PC are
     refined jointly (:func:`dpm.refine.fit_shared_pattern_centre`).
     """
-    from dpm.chunks import PatternRows, block_rows
-    from dpm.dictionary import Dictionary
-    from dpm.match import MatchConfig, match
-    from dpm.projection import integrate_pixels
+    from dpm.chunks import PatternRows, block_rows, match_rows
     from dpm.refine import fit_shared_pattern_centre, refinement_master
 
     nx = context.map_shape[1]
@@ -477,14 +483,8 @@ def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]],
     subset = np.sort(candidates[np.argsort(-bc[candidates], kind="stable")[:refinement.pc_subset]])
     sub_rows = PatternRows(context, blocks, context.budget // 4)[subset]
     master = context.master
-    dict_master = master
-    if context.config.pixel_integration:
-        dict_master = integrate_pixels(master, context.det_used,
-                                       orientation_spread=context.config.resolution / 2)
-    dictionary = Dictionary(dict_master, context.det_used, context.rotations,
-                            mask=context.mask_used)
-    best = match(sub_rows, dictionary, config=MatchConfig(keep=1, memory_budget=context.budget // 2))
-    starts = dictionary.quaternions[backend.to_host(best.indices)[:, 0]].astype(np.float64)
+    best = match_rows(context, sub_rows, 1)
+    starts = context.rotations[backend.to_host(best.indices)[:, 0]].astype(np.float64)
     pc, _, _ = fit_shared_pattern_centre(sub_rows, refinement_master(master, context.det_used),
                                          context.det_used, starts, mask=context.mask_used,
                                          config=refinement)
@@ -696,7 +696,7 @@ def index(
     from dpm.detector import as_detector
     from dpm.io.readers import as_pattern_stack, read_patterns
     from dpm.preprocess import map_blocks
-    from dpm.sampling import sample_orientations
+    from dpm.sampling import cubochoric_grid
     from dpm.store import ResultStore, combined_hash
 
     config = config or IndexConfig()
@@ -751,10 +751,12 @@ def index(
         resolved_bg, stored_pc = None, None
     given = background if config.preprocess.static_background == "given" else resolved_bg
     t_sampling = time.perf_counter()
-    rotations = sample_orientations(master.phase, config.resolution).data.astype(np.float32)
+    grid = cubochoric_grid(master.phase, config.resolution)
+    rotations = grid.rotations.data.astype(np.float32)
     timings["sampling"] = time.perf_counter() - t_sampling
     context = _context(stack, det, raw_mask, config, given, xp, budget=budget, master=master,
-                       rotations=rotations, device=device, blas_threads=threads)
+                       rotations=rotations, device=device, blas_threads=threads,
+                       lattice=grid.lattice, lattice_steps=grid.steps)
     if store is not None and not store.manifest.get("resolved"):
         store.save_array("mask", raw_mask)
         store.save_array("static_background", context.background)

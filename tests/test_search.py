@@ -1,0 +1,179 @@
+"""Tests for dpm.search: the coarse-to-fine search against exhaustive matching (the oracle)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+import pytest
+from orix.quaternion import Orientation
+from orix.quaternion.symmetry import O
+
+from dpm import backend
+from dpm.detector import Detector
+from dpm.dictionary import Dictionary
+from dpm.match import MatchConfig, match, prepare_patterns
+from dpm.projection import integrate_pixels
+from dpm.sampling import cubochoric_grid
+from dpm.search import FineRows, SearchConfig, coarse_to_fine
+
+RESOLUTION = 2.5
+KEEP = 5
+
+
+@pytest.fixture(scope="module")
+def setup(li_master_module):
+    """A 2.5° grid, its dictionary on a 32 x 32 detector, and 150 noisy patterns of
+    random orientations (some next to the zone's faces, where boxes do not wrap)."""
+    master = li_master_module
+    detector = Detector(shape=(32, 32), pc=(0.5, 0.3, 0.6))
+    grid = cubochoric_grid(master.phase, RESOLUTION)
+    smooth = integrate_pixels(master, detector, orientation_spread=RESOLUTION / 2)
+    dictionary = Dictionary(smooth, detector, grid.rotations.data.astype(np.float32))
+    rng = np.random.default_rng(7)
+    q = rng.normal(size=(150, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    truth = Orientation(q, symmetry=O).reduce()
+    sharp = Dictionary(master, detector, truth.data.astype(np.float32)).chunk(0, 150)
+    noisy = sharp + rng.normal(scale=0.3 * float(sharp.std()), size=sharp.shape).astype(np.float32)
+    patterns, _ = prepare_patterns(noisy.astype(np.float32))
+    exhaustive = match(patterns, dictionary.chunk(0, len(dictionary)), config=MatchConfig(keep=KEEP))
+    coarse_rows = grid.coarse(2)
+    coarse_master = integrate_pixels(master, detector, orientation_spread=RESOLUTION)
+    coarse = Dictionary(coarse_master, detector, grid.rotations.data[coarse_rows].astype(np.float32))
+    return {"grid": grid, "dictionary": dictionary, "patterns": patterns, "truth": truth,
+            "exhaustive": exhaustive, "coarse_rows": coarse_rows,
+            "coarse": coarse.chunk(0, len(coarse_rows))}
+
+
+@pytest.fixture(scope="module")
+def li_master_module():
+    from dpm.master.shipped import shipped_master_pattern
+
+    return shipped_master_pattern("li", 20)
+
+
+def _search(setup, xp: ModuleType = np, config: SearchConfig = SearchConfig(), keep: int = KEEP,
+            capacity: int = 2**40, patterns=None):
+    fine = FineRows(setup["dictionary"], xp, capacity=capacity)
+    patterns = setup["patterns"] if patterns is None else patterns
+    result = coarse_to_fine(xp.asarray(patterns), fine, setup["grid"], xp.asarray(setup["coarse"]),
+                            setup["coarse_rows"], keep=keep, config=config)
+    return result, fine
+
+
+def test_equals_exhaustive_matching(setup) -> None:
+    result, fine = _search(setup)
+    exhaustive = setup["exhaustive"]
+    best, reference = result.indices[:, 0], exhaustive.indices[:, 0]
+    same = (best == reference) | np.isclose(result.scores[:, 0], exhaustive.scores[:, 0],
+                                            rtol=0, atol=1e-6)
+    # 32 x 32 px patterns with noise: the few that differ are 60° <111> pseudo-symmetric
+    # variants, for which coarse and fine scores rank differently (the bench map's
+    # 60 x 60 px patterns agree on >= 99.9 %: bench/test_bench_end_to_end.py).
+    assert same.mean() >= 0.95, f"{(~same).sum()} of {len(same)} differ"
+    truth = setup["truth"]
+
+    def within(rows: np.ndarray) -> float:
+        found = Orientation(setup["grid"].rotations.data[rows], symmetry=O)
+        return float((found.angle_with(truth, degrees=True) < 2 * RESOLUTION).mean())
+
+    assert within(best) >= within(reference) - 1.5 / len(best)
+    # Where the best match agrees, its score is the exhaustive NCC of that orientation.
+    np.testing.assert_allclose(result.scores[same, 0], exhaustive.scores[same, 0], atol=1e-5)
+    # Scores are sorted, indices are distinct rows of the grid.
+    assert np.all(np.diff(result.scores, axis=1) <= 0)
+    assert all(len(set(row)) == KEEP for row in result.indices.tolist())
+    # Far fewer dictionary rows were projected than the grid holds.
+    assert fine.projected < 0.8 * len(setup["grid"])
+
+
+def test_each_pattern_is_searched_on_its_own(setup) -> None:
+    whole, _ = _search(setup)
+    few = [3, 77, 120]
+    alone, _ = _search(setup, patterns=setup["patterns"][few])
+    np.testing.assert_array_equal(alone.indices, whole.indices[few])
+    np.testing.assert_allclose(alone.scores, whole.scores[few], atol=1e-6)
+
+
+def test_rows_kept_or_projected_anew_are_the_dictionary_rows(setup) -> None:
+    dictionary = setup["dictionary"]
+    rows = np.array([5, 900, 17, 2000])
+    for capacity in (2**40, 1):
+        fine = FineRows(dictionary, np, capacity=capacity)
+        for _ in range(2):
+            got = fine.get(rows)
+            np.testing.assert_allclose(got, np.stack([dictionary.chunk(r, r + 1)[0] for r in rows]),
+                                       atol=1e-6)
+        assert fine.projected == (4 if capacity > 1 else 8)
+    # A small budget keeps nothing and gives the same search.
+    kept, _ = _search(setup)
+    anew, _ = _search(setup, capacity=1)
+    np.testing.assert_array_equal(kept.indices, anew.indices)
+
+
+def test_keep_beyond_one_box(setup) -> None:
+    # One coarse candidate and radius 1: 27 candidates at first for keep = 40; the
+    # climb adds boxes, and what is still missing is matched exhaustively.
+    patterns = setup["patterns"][:4]
+    result, _ = _search(setup, config=SearchConfig(coarse_keep=1, radius=1), keep=40,
+                        patterns=patterns)
+    assert np.all(result.indices >= 0)
+    assert all(len(set(row)) == 40 for row in result.indices.tolist())
+    assert np.all(np.diff(result.scores, axis=1) <= 0)
+    dictionary = setup["dictionary"]
+    for p, rows in enumerate(result.indices):
+        direct = np.stack([dictionary.chunk(r, r + 1)[0] for r in rows]) @ patterns[p]
+        np.testing.assert_allclose(result.scores[p], direct, atol=1e-5)
+    exhaustive = match(patterns, dictionary.chunk(0, len(dictionary)), config=MatchConfig(keep=1))
+    np.testing.assert_array_equal(result.indices[:, 0], exhaustive.indices[:, 0])
+
+
+def test_gpu_glue_on_the_standin_equals_numpy(setup, gpu_standin: ModuleType) -> None:
+    few = setup["patterns"][:20]
+    on_gpu, _ = _search(setup, xp=gpu_standin, patterns=few)
+    assert isinstance(on_gpu.indices, gpu_standin.ndarray)
+    on_cpu, _ = _search(setup, patterns=few)
+    np.testing.assert_array_equal(backend.to_host(on_gpu.indices), on_cpu.indices)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "pca"}, "search method"),
+    ({"coarse_factor": 0}, "coarse_factor"),
+    ({"coarse_keep": 1.5}, "coarse_keep"),
+    ({"radius": -1}, "radius"),
+])
+def test_config_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**kwargs)
+
+
+def test_index_coarse_to_fine_equals_exhaustive_on_a_map(li_master_module) -> None:
+    """dpm.index on a small synthetic map (2° grid, 4° coarse): the default search
+    finds the exhaustive best match and the same accuracy after refinement; a 3° grid
+    (coarse 6°, too sparse) is searched exhaustively."""
+    from dpm.demo import disorientation
+    from dpm.pipeline import IndexConfig, index
+    from dpm.synthetic import SyntheticConfig, synthetic_map
+
+    detector = Detector(shape=(60, 60), pc=(0.49, 0.27, 0.58))
+    # Enough grains that the mean pattern (the static background) holds no bands.
+    smap = synthetic_map(li_master_module, detector,
+                         SyntheticConfig(map_shape=(16, 24), grain_width=3.0, seed=3))
+    results = {}
+    for method in ("coarse-to-fine", "exhaustive"):
+        config = IndexConfig(resolution=2.0, device="cpu", search=SearchConfig(method=method))
+        results[method] = index(smap.patterns, detector=detector,
+                                master_pattern=li_master_module, config=config)
+    diff = smap.diffracting.ravel()
+    best = {m: np.asarray(r.xmap.prop["topk_indices"]).reshape(diff.size, -1)[:, 0]
+            for m, r in results.items()}
+    # Small grains (3 px): boundary pixels mix two patterns, and ~2 % of them rank
+    # another cell first; refinement ends at the same orientations.
+    assert (best["coarse-to-fine"] == best["exhaustive"])[diff].mean() >= 0.97
+    point_group = li_master_module.phase.point_group
+    errors = {m: disorientation(r.xmap.rotations.data.reshape(-1, 4)[diff],
+                                smap.quaternions[diff], point_group)
+              for m, r in results.items()}
+    assert (errors["coarse-to-fine"] <= 2).mean() >= (errors["exhaustive"] <= 2).mean() - 0.01
+    assert SearchConfig().uses_coarse_to_fine(2.0) and not SearchConfig().uses_coarse_to_fine(3.0)
