@@ -249,7 +249,7 @@ def project_dictionary(dictionary: Any, xp: ModuleType) -> Any:
     out = xp.empty((len(dictionary), dictionary.n_pixels), dtype=xp.float32)
     for start in range(0, len(dictionary), _PROJECT_ROWS):
         stop = min(start + _PROJECT_ROWS, len(dictionary))
-        out[start:stop] = dictionary.chunk(start, stop, xp)
+        dictionary.chunk(start, stop, xp, out=out[start:stop])
     return out
 
 

@@ -78,8 +78,9 @@ class Dictionary:
             self._device_cache[xp] = xp.asarray(np.ascontiguousarray(vectors))
         return self._device_cache[xp]
 
-    def chunk(self, start: int, stop: int, xp: ModuleType = np) -> Any:
-        """Project dictionary rows ``start:stop`` on ``xp``.
+    def chunk(self, start: int, stop: int, xp: ModuleType = np, out: Any = None) -> Any:
+        """Project dictionary rows ``start:stop`` on ``xp`` (into ``out`` when given: a
+        C-contiguous ``(stop - start, n_pixels)`` float32 array on ``xp``).
 
         Returns
         -------
@@ -88,4 +89,4 @@ class Dictionary:
         """
         north, south = master_on_device(xp, self.master)
         q = xp.asarray(self.quaternions[start:stop])
-        return project_vectors(north, south, self._vectors(xp), q)
+        return project_vectors(north, south, self._vectors(xp), q, out=out)
