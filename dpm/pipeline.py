@@ -173,6 +173,13 @@ class IndexConfig:
             for stage in NEEDS_REFINE:
                 object.__setattr__(self, stage, None)
 
+    @property
+    def band_contrast_limit(self) -> float:
+        """Band contrast above which a pixel diffracts: the zero-solution threshold
+        (its default when the stage is off)."""
+        zero = self.zero_solutions if self.zero_solutions is not None else ZeroSolutionConfig()
+        return float(zero.band_contrast_threshold)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for ``config.toml`` and ``summary.json``); a stage that is
         off (``zero_solutions=None``) is written as ``False``, which TOML can hold."""
@@ -573,9 +580,8 @@ def _map_stages(config: IndexConfig, arrays: dict[str, np.ndarray], rows, contex
                 "passes": zs.passes, "left_unindexed": int((~indexed).sum())}
         if config.cleanup is not None:
             t = time.perf_counter()
-            bc_limit = (config.zero_solutions.band_contrast_threshold
-                        if config.zero_solutions is not None else ZeroSolutionConfig().band_contrast_threshold)
-            cleaned = clean_map(quaternions, indexed, readable & (bc > bc_limit), (ny, nx),
+            cleaned = clean_map(quaternions, indexed, readable & (bc > config.band_contrast_limit),
+                                (ny, nx),
                                 master.phase.point_group, config.cleanup)
             timings["cleanup"] = time.perf_counter() - t
             quaternions, indexed = cleaned.quaternions, cleaned.indexed

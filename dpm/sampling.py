@@ -25,6 +25,7 @@ onto the sphere of equal volume (radius ``c (6/π)^(1/3)``); a homochoric vector
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -81,6 +82,11 @@ def semi_edge_steps(resolution: float) -> int:
     return int(np.round(131.97049 / (resolution - 0.03732)))
 
 
+#: Symmetry-equivalents of an orientation, nearest the identity first, searched for the
+#: nearest grid point (a point near a vertex of the zone has several in or next to it).
+_NEAREST_EQUIVALENTS = 6
+
+
 @dataclass(frozen=True, eq=False)
 class CubochoricGrid:
     """Orientations of the cubochoric grid inside a fundamental zone, with their lattice positions.
@@ -132,6 +138,55 @@ class CubochoricGrid:
             raise ValueError(f"coarse factor must be a positive integer, got {factor!r}")
         on = np.all(self.lattice % int(factor) == 0, axis=1)
         return np.flatnonzero(on)
+
+    def nearest(self, quaternions: np.ndarray) -> np.ndarray:
+        """Row of the grid point nearest to each orientation, symmetry-equivalents included.
+
+        Parameters
+        ----------
+        quaternions : (..., 4) array
+            Unit quaternions (orix convention), anywhere in orientation space.
+
+        Returns
+        -------
+        rows : (...,) int64 array
+            The row whose rotation is closest (largest ``|q_row · s q|`` over the
+            proper symmetry operators ``s`` acting on the left) to each input.
+        """
+        q = np.asarray(quaternions, dtype=np.float64)
+        if q.shape[-1:] != (4,):
+            raise ValueError(f"quaternions must have shape (..., 4), got {q.shape}")
+        flat = q.reshape(-1, 4)
+        ops = self._operators
+        # The equivalents s q of each input (24 for m-3m); nearest of ±grid points by chord.
+        a0, b0, c0, d0 = ops[:, None, 0], ops[:, None, 1], ops[:, None, 2], ops[:, None, 3]
+        a1, b1, c1, d1 = flat[None, :, 0], flat[None, :, 1], flat[None, :, 2], flat[None, :, 3]
+        equivalents = np.stack([a0 * a1 - b0 * b1 - c0 * c1 - d0 * d1,
+                                a0 * b1 + b0 * a1 + c0 * d1 - d0 * c1,
+                                a0 * c1 - b0 * d1 + c0 * a1 + d0 * b1,
+                                a0 * d1 + b0 * c1 - c0 * b1 + d0 * a1], axis=-1)
+        # The zone is the Voronoi cell of the identity: the equivalents with the largest
+        # |a| lie in it or next to it, and only they can be near a grid point (querying
+        # far points would visit most of the tree).
+        near = np.argsort(-np.abs(equivalents[..., 0]), axis=0)[:_NEAREST_EQUIVALENTS]
+        candidates = np.take_along_axis(equivalents, near[..., None], axis=0)
+        distance, found = self._tree.query(candidates.reshape(-1, 4))
+        distance = distance.reshape(len(near), -1)
+        found = found.reshape(len(near), -1)
+        best = np.argmin(distance, axis=0)
+        rows = found[best, np.arange(flat.shape[0])] % len(self)
+        return rows.reshape(q.shape[:-1])
+
+    @functools.cached_property
+    def _operators(self) -> np.ndarray:
+        return np.asarray(_point_group(self.point_group).data, dtype=np.float64)
+
+    @functools.cached_property
+    def _tree(self):
+        from scipy.spatial import cKDTree
+
+        q = np.asarray(self.rotations.data, dtype=np.float64)
+        return cKDTree(np.concatenate([q, -q]))
 
     def neighbours(self, rows: np.ndarray, radius: int) -> np.ndarray:
         """Grid rows within ``radius`` lattice steps (max-norm) of the given rows.

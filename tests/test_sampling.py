@@ -142,3 +142,22 @@ class TestCubochoricGrid:
     def test_bad_radius(self) -> None:
         with pytest.raises(ValueError, match="radius"):
             cubochoric_grid("m-3m", 10.0).neighbours(np.array([0]), -1)
+
+
+def test_nearest_grid_point_of_any_orientation() -> None:
+    """Against a brute-force search over every grid point with orix's disorientation:
+    the row found is the closest one (ties within 1e-9 rad aside), for random
+    orientations and for symmetry-equivalents of grid points."""
+    from orix.quaternion.symmetry import O
+
+    grid = cubochoric_grid("m-3m", 8.0)
+    random = Rotation.random(40).data
+    rows = np.arange(0, len(grid), max(1, len(grid) // 20))
+    ops = O.data[np.arange(len(rows)) % 24]
+    equivalent = (Rotation(ops) * Rotation(grid.rotations.data[rows])).data
+    found = grid.nearest(np.concatenate([random, equivalent]))
+    np.testing.assert_array_equal(found[len(random):], rows)
+    points = Orientation(grid.rotations.data, symmetry=O)
+    for q, row in zip(random, found[:len(random)]):
+        angles = points.angle_with(Orientation(q, symmetry=O))
+        assert angles[row] <= angles.min() + 1e-9
