@@ -188,44 +188,27 @@ class ChunkContext:
                  self.budget / 4e9)
         return DictionaryFile.cached(dictionary, master)
 
-    def search(self) -> tuple[Any, Any, np.ndarray, Any]:
-        """This process's coarse-to-fine search state for ``det_used``.
-
-        Returns
-        -------
-        fine, grid, coarse_rows, coarse
-            The fine rows (:class:`dpm.search.FineRows`, projected on demand and
-            kept within a quarter of the budget), the grid with its lattice, the
-            rows of the coarse grid and the coarse dictionary on the device.
-        """
+    def search(self) -> Any:
+        """This process's coarse-to-fine search dictionaries for ``det_used``
+        (:class:`dpm.search.SearchDictionaries`: coarse rows on the device, binned and
+        full-resolution rows projected on demand and kept within a quarter of the budget)."""
         pc = tuple(round(float(v), 12) for v in self.det_used.pc)
         return _cached(self.key, f"search{pc}", self._build_search)
 
-    def _build_search(self) -> tuple[Any, Any, np.ndarray, Any]:
+    def _build_search(self) -> Any:
         from orix.quaternion import Rotation
 
-        from dpm.dictionary import Dictionary
-        from dpm.projection import integrate_pixels
         from dpm.sampling import CubochoricGrid
-        from dpm.search import FineRows
+        from dpm.search import search_dictionaries
 
         if self.lattice is None:
             raise ValueError("the coarse-to-fine search needs the dictionary's lattice positions")
         grid = CubochoricGrid(rotations=Rotation(self.rotations), lattice=self.lattice,
                               steps=self.lattice_steps, resolution=self.config.resolution,
                               point_group=self.master.phase.point_group.proper_subgroup.name)
-        dictionary = Dictionary(self._dictionary_master(), self.det_used, self.rotations,
-                                mask=self.mask_used)
-        fine = FineRows(dictionary, self.xp, capacity=self.budget // 4)
-        factor = self.config.search.coarse_factor
-        coarse_rows = grid.coarse(factor)
-        # The coarse patterns stand for cells `factor` times wider: low-passed for them
-        # (whether or not the fine dictionary is), or the right cell would not rank first.
-        master = integrate_pixels(self.master, self.det_used,
-                                  orientation_spread=factor * self.config.resolution / 2)
-        coarse = Dictionary(master, self.det_used, self.rotations[coarse_rows],
-                            mask=self.mask_used)
-        return fine, grid, coarse_rows, project_dictionary(coarse, self.xp)
+        return search_dictionaries(self.master, self._dictionary_master(), self.det_used, grid,
+                                   mask=self.mask_used, config=self.config.search, xp=self.xp,
+                                   capacity=self.budget // 4)
 
     def refinement_master(self) -> Any:
         from dpm.refine import refinement_master
@@ -384,8 +367,7 @@ def match_rows(context: ChunkContext, rows: Any, keep: int) -> Any:
     search = context.config.search
     budget = max(1, context.budget // 2)
     if search.uses_coarse_to_fine(context.config.resolution) and context.lattice is not None:
-        fine, grid, coarse_rows, coarse = context.search()
-        return coarse_to_fine(rows, fine, grid, coarse, coarse_rows, keep=keep, config=search,
+        return coarse_to_fine(rows, context.search(), keep=keep, config=search,
                               memory_budget=budget)
     return match(rows, context.dictionary(), config=MatchConfig(keep=keep, memory_budget=budget))
 

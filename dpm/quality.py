@@ -158,12 +158,16 @@ def _line_weights(shape: tuple[int, int], used: np.ndarray, theta_step: float,
         rho = x * np.cos(t) + y * np.sin(t)
         below = np.floor(rho)
         frac = rho - below
-        weights = np.zeros((n_rho, sy * sx))
+        flat = []
+        values = []
         for j, w in ((below, 1.0 - frac), (below + 1, frac)):
-            j = j.astype(int) + half_bins
+            j = j.astype(np.int64) + half_bins
             ok = (j >= 0) & (j < n_rho)
-            np.add.at(weights, (j[ok], pixels[ok]), w[ok])
-        yield weights
+            flat.append(j[ok] * (sy * sx) + pixels[ok])
+            values.append(w[ok])
+        weights = np.bincount(np.concatenate(flat), weights=np.concatenate(values),
+                              minlength=n_rho * sy * sx)
+        yield weights.reshape(n_rho, sy * sx)
 
 
 def radon_matrix(shape: tuple[int, int], *, theta_step: float = 2.0, rho_fraction: float = 0.95,
@@ -297,13 +301,38 @@ def _line_contrast_operator(lines: _Lines) -> tuple[np.ndarray, np.ndarray, int,
     used = lines.used
     wy, wx = lines.shape
     half = int(np.floor(lines.rho_fraction * min(wy, wx) / 2))
-    blocks = []
-    for weights in _line_weights(lines.shape, used, lines.theta_step, half + 1):
-        norm = np.sqrt((weights**2).sum(axis=1, keepdims=True))
-        s = weights / np.where(norm > 0, norm, 1.0)
-        blocks.append((s[1:-1] - 0.5 * (s[:-2] + s[2:])).astype(np.float32))
-    n_theta, n_rho = len(blocks), 2 * half + 1
-    operator = np.ascontiguousarray(np.concatenate(blocks).T)
+    n_theta, n_rho = int(round(180.0 / lines.theta_step)), 2 * half + 1
+    n_sums = n_rho + 2               # the line sums S, one more line on either side
+    pixels = np.flatnonzero(used.ravel())
+    x = (pixels % wx + 0.5 - wx / 2)[None, :]
+    y = (pixels // wx + 0.5 - wy / 2)[None, :]
+    theta = np.deg2rad(np.arange(n_theta) * lines.theta_step)[:, None]
+    rho = x * np.cos(theta) + y * np.sin(theta)                    # (n_theta, n_used)
+    below = np.floor(rho)
+    # Each used pixel adds to the two nearest lines (step 2): line index, weight, angle.
+    line = np.stack([below, below + 1]).astype(np.int64) + (half + 1)
+    weight = np.stack([1.0 - (rho - below), rho - below])
+    k = np.broadcast_to(np.arange(n_theta)[:, None], rho.shape)[None].repeat(2, axis=0)
+    pixel = np.broadcast_to(pixels[None, None, :], line.shape)
+    ok = (line >= 0) & (line < n_sums)
+    line, weight, k, pixel = line[ok], weight[ok], k[ok], pixel[ok]
+    # Step 3: S = Σ w P / sqrt(Σ w²) per line.
+    sums = k * n_sums + line
+    norm2 = np.bincount(sums, weights=weight**2, minlength=n_theta * n_sums)
+    norm = np.sqrt(norm2[sums])
+    s = weight / np.where(norm > 0, norm, 1.0)
+    # Step 4: D(ρ_i) = S(ρ_{i+1}) - (S(ρ_i) + S(ρ_{i+2})) / 2, written straight into the
+    # (pixel, line) layout of the operator.
+    n_lines = n_theta * n_rho
+    index, value = [], []
+    for offset, coefficient in ((1, 1.0), (0, -0.5), (2, -0.5)):
+        i = line - offset
+        inside = (i >= 0) & (i < n_rho)
+        index.append(pixel[inside] * n_lines + k[inside] * n_rho + i[inside])
+        value.append(coefficient * s[inside])
+    operator = np.bincount(np.concatenate(index), weights=np.concatenate(value),
+                           minlength=wy * wx * n_lines).reshape(wy * wx, n_lines)
+    operator = operator.astype(np.float32)
     return operator, used.ravel().astype(np.float32), n_theta, n_rho
 
 

@@ -3,10 +3,14 @@
 Exhaustive matching scores every pattern against every orientation of the
 grid (100 347 for a cubic phase at 2°): ``2 × 100 347 × npix`` FLOP per pattern,
 which OpenBLAS already runs at the machine's GEMM rate. The coarse-to-fine
-search does less of it:
+search does less of it. Its ranking stages work on patterns binned to about
+``working_size`` px (30: 2 × 2 for 60 × 60 px patterns, a quarter of the
+projection and GEMM work), with dictionaries projected on the binned detector
+(:func:`binned_detector`, same pattern centre) from master patterns low-passed
+for its pixels; only the final stage scores at full resolution:
 
-1. match every pattern exhaustively against the coarse sub-grid of every
-   ``coarse_factor``-th lattice point of the cubochoric grid
+1. match every binned pattern exhaustively against the coarse sub-grid of
+   every ``coarse_factor``-th lattice point of the cubochoric grid
    (:meth:`dpm.sampling.CubochoricGrid.coarse`; factor 2 gives 4°, 12 643
    orientations for m-3m), projected from the master pattern low-passed for
    cells that much wider, keeping the best ``coarse_keep``;
@@ -25,24 +29,28 @@ search does less of it:
    <111> for m-3m) are searched too, and climbed from: a low-passed 4° cell
    of the alternative can outrank the pattern's own;
 5. a pattern whose best match does not stand out of its scores against the
-   coarse grid (:func:`confidence` below ``confidence``) is matched
-   exhaustively: at low signal-to-noise the 4° grid's best cells are noise and
-   the true one is not among them, while the full 2° grid still finds it.
-   Pores stand no further out than such patterns (nor does band contrast
-   tell them apart: at 20 counts a Na grain's band contrast is mostly below
-   the protocol's 10), so they are matched exhaustively too.
+   coarse grid (:func:`confidence` below ``confidence``) is matched against
+   the whole binned grid, keeping its best :data:`_UNSURE_KEEP`: at low
+   signal-to-noise the 4° grid's best cells are noise and the true one is not
+   among them. Pores stand no further out than such patterns (nor does band
+   contrast tell them apart: at 20 counts a Na grain's band contrast is mostly
+   below the protocol's 10), so they take this path too;
+6. every pattern's candidates (its best ``keep``, or the
+   :data:`_UNSURE_KEEP` of step 5) are scored at full resolution and the best
+   climbs again, at full resolution, to the best of its own box.
 
-Fine dictionary rows are projected on demand (:meth:`FineRows.get`) and kept
-for the rest of the run when the whole dictionary fits the byte budget given.
-The scores are the same NCC as :func:`dpm.match.match` computes, so where the
-exhaustive best match lies among a pattern's candidates (which the defaults
-make true on ≥ 99.9 % of the diffracting pixels of the bench map) both give
-the same orientations.
+Dictionary rows are projected on demand (:meth:`FineRows.get`) and kept for
+the rest of the run when the whole dictionary fits the byte budget given
+(step 5's rows are not kept). The scores returned are the full-resolution NCC
+of :func:`dpm.match.match`, so where the exhaustive best match lies among a
+pattern's final candidates (which the defaults make true on ≥ 99.9 % of the
+diffracting pixels of the bench map) both give the same orientations.
 """
 
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -50,8 +58,11 @@ from typing import Any
 import numpy as np
 
 from dpm import backend
+from dpm.detector import Detector
+from dpm.dictionary import Dictionary
+from dpm.master import MasterPattern
 from dpm.match import MatchConfig, MatchResult, _topk_merge, match
-from dpm.projection import master_on_device, project_vectors
+from dpm.projection import integrate_pixels, master_on_device, project_vectors
 from dpm.sampling import CubochoricGrid
 
 _log = logging.getLogger("dpm")
@@ -67,6 +78,11 @@ _MAX_CLIMBS = 8
 _ALTERNATIVE_RATIO = 0.5
 #: Every how many coarse rows the null distribution of a pattern's scores is taken from.
 _NULL_STRIDE = 16
+#: Best matches an unsure pattern keeps from the whole binned grid for the full-resolution
+#: stage. Measured on a 20 x 30 Na map at 20 counts behind a 30 % shadow (60 x 60 px,
+#: nearly every pattern unsure): the exhaustive best is among the best 100 binned
+#: matches for 97.6 % of the diffracting pixels, among the best 30 for 95 %.
+_UNSURE_KEEP = 100
 #: Coarsest coarse grid, in degrees, the search uses. Measured on synthetic Li maps
 #: (60 x 60 px): a 4° coarse grid (fine 2°) finds the exhaustive best match on
 #: >= 99.9 % of diffracting pixels, a 6° one (fine 3°) on ~87 % only; grids whose
@@ -97,17 +113,23 @@ class SearchConfig:
         Half-width, in fine lattice steps, of the box searched around each
         coarse candidate (1: 27 fine orientations per candidate).
     confidence
-        Patterns whose best match lies fewer than this many
-        standard deviations above the mean of their coarse-grid scores
-        (:func:`confidence`) are matched exhaustively; 0 never does. Measured
-        on 20 x 30 synthetic maps, 60 x 60 px, 2° grid: at 40 counts (the
-        bench map) the diffracting pixels stand 9 to 13 σ out, at 20 counts
-        Li ones 3 to 11 σ, and every pattern the coarse stage missed lay
-        below 6.5 σ (Li) or 4.7 σ (Na, 30 % shadow); 7 catches them all.
+        Patterns whose best binned match lies fewer than this many standard
+        deviations above the mean of their coarse-grid scores
+        (:func:`confidence`) are matched against the whole binned grid; 0
+        never. Measured on the bench map (60 x 40 Li patterns, 60 x 60 px, 40
+        counts): the diffracting pixels' 1st, 5th and 50th percentiles are
+        6.8, 7.5 and 8.8 σ, pores reach 5 σ; on a Na map at 20 counts behind a
+        30 % shadow 2.7, 2.9 and 3.8 σ, and there the coarse stage alone
+        misses 36 % of the exhaustive best matches. With 7 the pores and 2 %
+        of the bench map's diffracting pixels take that path.
     pseudo_symmetry
-        Also search the boxes around the best match's pseudo-symmetric
-        alternatives (60° about <111>; Laue group m-3m only, ignored otherwise):
-        up to 108 more fine rows per pattern.
+        Also search the box around the best match's best pseudo-symmetric
+        alternative (60° about <111>; Laue group m-3m only, ignored otherwise).
+    working_size
+        Patterns are binned by ``min(sy, sx) // working_size`` (or the largest
+        smaller factor that divides both sides) for the ranking stages; 0
+        ranks at full resolution. On the bench map 30 (2 x 2 binning) keeps
+        the exhaustive result on every diffracting pixel.
     """
 
     method: str = "coarse-to-fine"
@@ -116,6 +138,7 @@ class SearchConfig:
     radius: int = 1
     confidence: float = 7.0
     pseudo_symmetry: bool = True
+    working_size: int = 30
 
     def uses_coarse_to_fine(self, resolution: float) -> bool:
         """Whether a grid of ``resolution`` degrees is searched coarse to fine: the method
@@ -131,9 +154,10 @@ class SearchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.radius, bool) or not isinstance(self.radius, (int, np.integer)) \
-                or self.radius < 0:
-            raise ValueError(f"radius must be a non-negative integer, got {self.radius!r}")
+        for name in ("radius", "working_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if not np.isfinite(self.confidence) or self.confidence < 0:
             raise ValueError(f"confidence must be a non-negative number of standard deviations, "
                              f"got {self.confidence!r}")
@@ -270,8 +294,165 @@ def confidence(patterns: Any, scores: Any, coarse: Any) -> np.ndarray:
     return np.where(std > 0, z, 0.0)
 
 
-def coarse_to_fine(patterns: Any, fine: FineRows, grid: CubochoricGrid, coarse: Any,
-                   coarse_rows: np.ndarray, *, keep: int, config: SearchConfig = SearchConfig(),
+def binning_factor(shape: tuple[int, int], working_size: int) -> int:
+    """Binning of ``shape`` patterns for the ranking stages: ``min(sy, sx) // working_size``,
+    lowered until it divides both sides (1: none; ``working_size`` 0 gives 1)."""
+    sy, sx = (int(v) for v in shape)
+    factor = max(1, min(sy, sx) // working_size) if working_size else 1
+    while sy % factor or sx % factor:
+        factor -= 1
+    return factor
+
+
+def binned_detector(detector: Detector, factor: int) -> Detector:
+    """The detector that records ``detector``'s patterns binned ``factor`` × ``factor``.
+
+    The pattern centre is kept: in Bruker's convention it is a fraction of the
+    pattern width and height, and the centre of a binned pixel is the mean of
+    the centres of the pixels it bins (:func:`dpm.detector.direction_vectors`
+    puts pixel ``c`` at ``c + 0.5``).
+    """
+    sy, sx = detector.shape
+    if sy % factor or sx % factor:
+        raise ValueError(f"binning {factor} does not divide the pattern shape {detector.shape}")
+    return dataclasses.replace(detector, shape=(sy // factor, sx // factor),
+                               binning=detector.binning * factor)
+
+
+@dataclass(frozen=True)
+class PatternBinning:
+    """How the normalised rows of masked patterns become binned normalised rows.
+
+    Attributes
+    ----------
+    factor
+        Binning ``f`` (1: rows are used as they are).
+    shape
+        Full pattern shape ``(sy, sx)``.
+    mask : (sy, sx) bool array or None
+        Signal mask of the full patterns (True: used; the rows hold these
+        pixels in row-major order).
+    """
+
+    factor: int
+    shape: tuple[int, int]
+    mask: np.ndarray | None = None
+
+    @property
+    def binned_mask(self) -> np.ndarray | None:
+        """(sy / f, sx / f) bool: binned pixels whose ``f × f`` pixels are all used."""
+        if self.mask is None:
+            return None
+        f, (sy, sx) = self.factor, self.shape
+        return np.asarray(self.mask, dtype=bool).reshape(sy // f, f, sx // f, f).all(axis=(1, 3))
+
+    def rows(self, patterns: Any) -> Any:
+        """Binned rows of ``patterns`` (n, npix): zero-mean and unit-norm over the binned mask.
+
+        Each binned pixel is the sum of its ``f × f`` pixels; pixels outside the
+        mask count as 0 and binned pixels that hold any are dropped.
+        """
+        if self.factor == 1:
+            return patterns
+        xp = backend.namespace(patterns)
+        f, (sy, sx) = self.factor, self.shape
+        n = patterns.shape[0]
+        if self.mask is None:
+            full = patterns
+        else:
+            full = xp.zeros((n, sy * sx), dtype=xp.float32)
+            full[:, xp.asarray(np.flatnonzero(self.mask))] = patterns
+        binned = full.reshape(n, sy // f, f, sx // f, f).sum(axis=(2, 4)).reshape(n, -1)
+        if self.mask is not None:
+            binned = binned[:, xp.asarray(np.flatnonzero(self.binned_mask))]
+        binned = binned - binned.mean(axis=1, keepdims=True)
+        norm = xp.sqrt((binned * binned).sum(axis=1, keepdims=True))
+        return (binned / xp.where(norm > 0, norm, xp.float32(1))).astype(xp.float32)
+
+
+@dataclass(frozen=True)
+class SearchDictionaries:
+    """What :func:`coarse_to_fine` searches, for one detector (:func:`search_dictionaries`).
+
+    Attributes
+    ----------
+    grid
+        The fine cubochoric grid (its rows are the dictionary's rows).
+    coarse_rows : (m_coarse,) int array
+        Rows of ``grid`` that make the coarse grid.
+    coarse : (m_coarse, npix_binned) float32 array
+        The coarse dictionary, binned, on the search's device.
+    wide
+        The fine grid's rows on the binned detector (:class:`FineRows`; the
+        same object as ``fine`` when nothing is binned).
+    fine
+        The fine grid's rows at full resolution.
+    binning
+        How patterns are binned for ``coarse`` and ``wide``.
+    """
+
+    grid: CubochoricGrid
+    coarse_rows: np.ndarray
+    coarse: Any
+    wide: FineRows
+    fine: FineRows
+    binning: PatternBinning
+
+
+def search_dictionaries(master: MasterPattern, fine_master: MasterPattern, detector: Detector,
+                        grid: CubochoricGrid, *, mask: np.ndarray | None = None,
+                        config: SearchConfig = SearchConfig(), xp: ModuleType = np,
+                        capacity: int = 2**62) -> SearchDictionaries:
+    """The coarse, binned and full-resolution dictionaries of the coarse-to-fine search.
+
+    Parameters
+    ----------
+    master
+        The master pattern, as simulated.
+    fine_master
+        The master pattern full-resolution rows are projected from (``master``
+        or its pixel-integrated copy, as the exhaustive dictionary's).
+    detector
+        The detector of the (full-resolution) patterns.
+    grid
+        The fine grid.
+    mask : (sy, sx) bool array, optional
+        Signal mask of the patterns.
+    config
+        Coarse stride and the working size that sets the binning.
+    xp
+        Array module of the search.
+    capacity
+        Bytes the kept full-resolution rows may take (binned rows: a quarter of it).
+
+    Notes
+    -----
+    The coarse rows are projected from ``master`` low-passed for cells
+    ``coarse_factor`` times wider than the fine grid's (σ = half the coarse
+    spacing) on the binned detector, or the right cell would not rank first;
+    binned fine rows from ``master`` low-passed for the binned pixels and the
+    fine cells (σ = half the fine spacing).
+    """
+    quaternions = grid.rotations.data.astype(np.float32)
+    factor = binning_factor(detector.shape, config.working_size)
+    binning = PatternBinning(factor, tuple(detector.shape), mask)
+    fine = FineRows(Dictionary(fine_master, detector, quaternions, mask=mask), xp, capacity)
+    small = binned_detector(detector, factor)
+    wide = fine
+    if factor > 1:
+        wide_master = integrate_pixels(master, small, orientation_spread=grid.resolution / 2)
+        wide = FineRows(Dictionary(wide_master, small, quaternions, mask=binning.binned_mask), xp,
+                        capacity // 4)
+    coarse_rows = grid.coarse(config.coarse_factor)
+    coarse_master = integrate_pixels(
+        master, small, orientation_spread=config.coarse_factor * grid.resolution / 2)
+    coarse = Dictionary(coarse_master, small, quaternions[coarse_rows], mask=binning.binned_mask)
+    return SearchDictionaries(grid, coarse_rows, coarse.chunk(0, len(coarse), xp), wide, fine,
+                              binning)
+
+
+def coarse_to_fine(patterns: Any, dictionaries: SearchDictionaries, *, keep: int,
+                   config: SearchConfig = SearchConfig(),
                    memory_budget: int | None = None) -> MatchResult:
     """Best ``keep`` matches of every pattern by the coarse-to-fine search.
 
@@ -279,35 +460,33 @@ def coarse_to_fine(patterns: Any, fine: FineRows, grid: CubochoricGrid, coarse: 
     ----------
     patterns : (n, npix) float32 array
         Zero-mean unit-norm rows (:func:`dpm.match.prepare_patterns`), NumPy or CuPy.
-    fine
-        The fine dictionary's rows (:class:`FineRows`), rows of ``grid``.
-    grid
-        The fine cubochoric grid the dictionary was projected at.
-    coarse : (m_coarse, npix) float32 array or PatternSource
-        The coarse dictionary: rows ``coarse_rows`` of the fine one.
-    coarse_rows : (m_coarse,) int array
-        Rows of ``grid`` that make the coarse grid (:meth:`CubochoricGrid.coarse`).
+    dictionaries
+        The grid and its coarse, binned and full-resolution rows
+        (:func:`search_dictionaries`).
     keep
         Matches kept per pattern.
     config
         Coarse stride, candidates kept, box radius and confidence.
     memory_budget
-        Bytes the coarse matching and one fine tile may use (None: half the
-        free memory).
+        Bytes the coarse matching and one tile may use (None: half the free
+        memory).
 
     Returns
     -------
     MatchResult
-        ``indices`` (n, keep) rows of ``grid`` and ``scores`` (n, keep) NCC,
-        best first, equal scores in ascending index, on the patterns' device.
+        ``indices`` (n, keep) rows of the grid and ``scores`` (n, keep)
+        full-resolution NCC, best first, equal scores in ascending index, on
+        the patterns' device.
     """
     xp = backend.namespace(patterns)
     n = patterns.shape[0]
+    grid, coarse, coarse_rows = dictionaries.grid, dictionaries.coarse, dictionaries.coarse_rows
     budget = backend.memory_budget(xp, memory_budget)
+    binned = dictionaries.binning.rows(patterns)
     kc = min(int(config.coarse_keep), len(coarse_rows))
-    first = match(patterns, coarse, config=MatchConfig(keep=kc, memory_budget=budget))
+    first = match(binned, coarse, config=MatchConfig(keep=kc, memory_budget=budget))
     coarse_best = np.asarray(coarse_rows, dtype=np.int64)[backend.to_host(first.indices)]
-    scorer = _CandidateScorer(patterns, fine, keep, max(budget // 2, 1))
+    scorer = _CandidateScorer(binned, dictionaries.wide, keep, max(budget // 2, 1))
     everyone = np.arange(n)
     best_scores, best_indices = scorer.score(everyone, candidates(grid, coarse_best, config.radius),
                                              np.argsort(coarse_best[:, 0], kind="stable"))
@@ -332,20 +511,30 @@ def coarse_to_fine(patterns: Any, fine: FineRows, grid: CubochoricGrid, coarse: 
                 close, box, np.argsort(start, kind="stable"))
             _climb(scorer, grid, close[best_indices[close, 0] != before], best_scores,
                    best_indices)
-    # Matched exhaustively: patterns with fewer than ``keep`` candidates (boxes all in
-    # a corner of the zone), and those whose best match is not confident.
+    # Against the whole binned grid: patterns with fewer than ``keep`` candidates (boxes
+    # all in a corner of the zone), and those whose best match is not confident.
     short = best_indices[:, -1] < 0
     unsure = np.zeros(n, dtype=bool)
     if config.confidence > 0:
-        unsure = confidence(patterns, best_scores[:, 0], coarse) < config.confidence
+        unsure = confidence(binned, best_scores[:, 0], coarse) < config.confidence
     again = np.flatnonzero(short | unsure)
+    final = best_indices
     if len(again):
         _log.debug("coarse-to-fine: %d patterns with fewer than %d candidates and %d not "
-                   "confident matched exhaustively", int(short.sum()), keep, int(unsure.sum()))
-        extra = match(patterns[xp.asarray(again)], _RowsSource(fine, np.arange(len(grid))),
-                      config=MatchConfig(keep=keep, memory_budget=budget))
-        best_scores[again] = backend.to_host(extra.scores)
-        best_indices[again] = backend.to_host(extra.indices)
+                   "confident matched against the whole grid", int(short.sum()), keep,
+                   int(unsure.sum()))
+        every = _EveryRow(dictionaries.wide)
+        wide_keep = min(max(keep, _UNSURE_KEEP), len(grid))
+        extra = match(binned[xp.asarray(again)], every,
+                      config=MatchConfig(keep=wide_keep, memory_budget=budget))
+        final = np.full((n, wide_keep), -1, dtype=np.int64)
+        final[:, :keep] = best_indices
+        final[again] = every.order[backend.to_host(extra.indices)]
+    # At full resolution: each pattern's candidates, then a climb from the best.
+    scorer = _CandidateScorer(patterns, dictionaries.fine, keep, max(budget // 2, 1))
+    best_scores, best_indices = scorer.score(everyone, final,
+                                             np.argsort(final[:, 0], kind="stable"))
+    _climb(scorer, grid, everyone, best_scores, best_indices)
     return MatchResult(indices=xp.asarray(best_indices), scores=xp.asarray(best_scores))
 
 
@@ -434,22 +623,39 @@ class _CandidateScorer:
         return scores_out, indices_out
 
 
-class _RowsSource:
-    """Rows ``rows`` of a :class:`FineRows` as a PatternSource for :func:`dpm.match.match`.
+class _EveryRow:
+    """Every row of a :class:`FineRows` dictionary as a PatternSource for
+    :func:`dpm.match.match`, kept rows first (in their store order) and then the
+    rest (ascending), which are projected into one reused buffer and not kept:
+    matching a few patterns against the whole grid neither copies the kept rows
+    nor touches fresh memory for the others.
 
-    Every chunk is written to one reused buffer (``match`` is done with a chunk
-    before it asks for the next), so no fresh memory is touched per chunk.
+    ``order[i]`` is the dictionary row at source position ``i``.
     """
 
-    def __init__(self, fine: FineRows, rows: np.ndarray) -> None:
-        self.fine, self.rows = fine, rows
+    def __init__(self, fine: FineRows) -> None:
+        self.fine = fine
+        kept = fine._count
+        by_slot = np.empty(kept, dtype=np.int64)
+        stored = np.flatnonzero(fine._slot >= 0)
+        by_slot[fine._slot[stored]] = stored
+        self.kept = kept
+        self.order = np.concatenate([by_slot, np.flatnonzero(fine._slot < 0)])
         self._buffer: Any = None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.order)
 
     def chunk(self, start: int, stop: int, xp: ModuleType) -> Any:
+        fine = self.fine
+        if stop <= self.kept:
+            return fine._store[start:stop]
         if self._buffer is None or len(self._buffer) < stop - start:
-            self._buffer = self.fine.xp.empty((stop - start, self.fine.dictionary.n_pixels),
-                                              dtype=self.fine.xp.float32)
-        return self.fine.get(self.rows[start:stop], out=self._buffer)
+            self._buffer = fine.xp.empty((stop - start, fine.dictionary.n_pixels),
+                                         dtype=fine.xp.float32)
+        out = self._buffer[:stop - start]
+        split = max(self.kept - start, 0)
+        if split:
+            out[:split] = fine._store[start:self.kept]
+        fine._project(self.order[start + split:stop], out[split:])
+        return out
