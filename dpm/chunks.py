@@ -166,7 +166,7 @@ class ChunkContext:
         pc = tuple(round(float(v), 12) for v in self.det_used.pc)
         return _cached(self.key, f"dictionary{pc}", self._build_dictionary)
 
-    def _dictionary_master(self) -> Any:
+    def dictionary_master(self) -> Any:
         """The master pattern dictionary rows are projected from (pixel-integrated if asked)."""
         from dpm.projection import integrate_pixels
 
@@ -178,7 +178,7 @@ class ChunkContext:
     def _build_dictionary(self) -> Any:
         from dpm.dictionary import Dictionary
 
-        master = self._dictionary_master()
+        master = self.dictionary_master()
         dictionary = Dictionary(master, self.det_used, self.rotations, mask=self.mask_used)
         nbytes = len(dictionary) * dictionary.n_pixels * 4
         if nbytes <= self.budget // 4:
@@ -206,7 +206,7 @@ class ChunkContext:
         grid = CubochoricGrid(rotations=Rotation(self.rotations), lattice=self.lattice,
                               steps=self.lattice_steps, resolution=self.config.resolution,
                               point_group=self.master.phase.point_group.proper_subgroup.name)
-        return search_dictionaries(self.master, self._dictionary_master(), self.det_used, grid,
+        return search_dictionaries(self.master, self.dictionary_master(), self.det_used, grid,
                                    mask=self.mask_used, config=self.config.search, xp=self.xp,
                                    capacity=self.budget // 4)
 
@@ -369,6 +369,14 @@ def match_rows(context: ChunkContext, rows: Any, keep: int) -> Any:
     if search.uses_coarse_to_fine(context.config.resolution) and context.lattice is not None:
         return coarse_to_fine(rows, context.search(), keep=keep, config=search,
                               memory_budget=budget)
+    if search.method == "fused":
+        from dpm.dictionary import Dictionary
+        from dpm.fused import FusedConfig, match_on_the_fly
+
+        dictionary = Dictionary(context.dictionary_master(), context.det_used,
+                                context.rotations, mask=context.mask_used)
+        return match_on_the_fly(rows, dictionary, config=FusedConfig(
+            keep=keep, precision=search.precision, memory_budget=budget))
     return match(rows, context.dictionary(), config=MatchConfig(keep=keep, memory_budget=budget))
 
 

@@ -32,6 +32,7 @@ _TABLE_OPTIONS = {
     "average_neighbours": ("preprocess", "neighbour_sigma"),
     "refine_pc": ("refinement", "pattern_centre"),
     "search": ("search", "method"),
+    "match_precision": ("search", "precision"),
     "zero_solution_threshold": ("zero_solutions", "threshold"),
     "band_contrast_threshold": ("zero_solutions", "band_contrast_threshold"),
     "interface_direction": ("grains", "interface_direction"),
@@ -107,9 +108,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="Gaussian filter of each pattern, σ in pixels (the sodium step)")
     i.add_argument("--average-neighbours", type=float, metavar="SIGMA",
                    help="average neighbouring patterns with a Gaussian window of σ map pixels")
-    i.add_argument("--search", choices=("coarse-to-fine", "exhaustive"),
+    i.add_argument("--search", choices=("coarse-to-fine", "exhaustive", "fused"),
                    help="dictionary search: coarse-to-fine (default: a 2x coarser grid, then "
-                   "the fine grid near each pattern's best coarse matches) or exhaustive")
+                   "the fine grid near each pattern's best coarse matches), exhaustive, or "
+                   "fused (exhaustive with the dictionary made on the fly, never stored: the "
+                   "GPU kernel)")
+    i.add_argument("--match-precision", choices=("fp32", "tf32", "fp16"),
+                   help="operand rounding of --search fused (default fp32)")
     i.add_argument("--refine-pc", choices=("fixed", "shared", "pattern"),
                    help="pattern centre in refinement: fixed (default), one shared PC fitted "
                    "for the map, or per pattern")

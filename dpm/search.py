@@ -22,7 +22,7 @@ for its pixels; only the final stage scores at full resolution:
 3. patterns, sorted by their best coarse match so that similar orientations
    share a tile, are scored in tiles against the union of their candidates
    (one GEMM per tile), each pattern's scores restricted to its own
-   candidates, and the best ``keep`` are kept; then each best match climbs
+   candidates, and the best ``max(keep, 10)`` are kept; then each best match climbs
    to the best of its own box. A pattern's result depends only on its own
    pattern, never on the tile it shares;
 4. the boxes around the best match's pseudo-symmetric alternatives (60° about
@@ -35,7 +35,7 @@ for its pixels; only the final stage scores at full resolution:
    among them. Pores stand no further out than such patterns (nor does band
    contrast tell them apart: at 20 counts a Na grain's band contrast is mostly
    below the protocol's 10), so they take this path too;
-6. every pattern's candidates (its best ``keep``, or the
+6. every pattern's candidates (its best ``max(keep, 10)``, or the
    :data:`_UNSURE_KEEP` of step 5) are scored at full resolution and the best
    climbs again, at full resolution, to the best of its own box.
 
@@ -60,6 +60,7 @@ import numpy as np
 from dpm import backend
 from dpm.detector import Detector
 from dpm.dictionary import Dictionary
+from dpm.fused import PRECISIONS
 from dpm.master import MasterPattern
 from dpm.match import MatchConfig, MatchResult, _topk_merge, match
 from dpm.projection import integrate_pixels, master_on_device, project_vectors
@@ -78,6 +79,8 @@ _MAX_CLIMBS = 8
 _ALTERNATIVE_RATIO = 0.5
 #: Every how many coarse rows the null distribution of a pattern's scores is taken from.
 _NULL_STRIDE = 16
+#: Best binned matches of each pattern rescored at full resolution (at least ``keep``).
+_RESCORED = 10
 #: Best matches an unsure pattern keeps from the whole binned grid for the full-resolution
 #: stage. Measured on a 20 x 30 Na map at 20 counts behind a 30 % shadow (60 x 60 px,
 #: nearly every pattern unsure): the exhaustive best is among the best 100 binned
@@ -89,6 +92,8 @@ _UNSURE_KEEP = 100
 #: coarse sub-grid would be coarser are small (30 000 orientations for m-3m at 3°)
 #: and searched exhaustively.
 MAX_COARSE_SPACING = 4.0
+#: The search methods.
+METHODS: tuple[str, ...] = ("coarse-to-fine", "exhaustive", "fused")
 
 
 @dataclass(frozen=True)
@@ -98,10 +103,14 @@ class SearchConfig:
     Attributes
     ----------
     method
-        ``"coarse-to-fine"`` (default) or ``"exhaustive"`` (every pattern
-        against every orientation of the grid). Grids whose coarse sub-grid
-        would be coarser than :data:`MAX_COARSE_SPACING` (4°) are always
-        searched exhaustively.
+        ``"coarse-to-fine"`` (default), ``"exhaustive"`` (every pattern
+        against every orientation of the grid, the dictionary projected once
+        and kept or read from the on-disk cache) or ``"fused"`` (every
+        orientation too, the dictionary made on the fly and never stored:
+        :func:`dpm.fused.match_on_the_fly`, ``kernels/fused_match.cu`` on a
+        GPU). Grids whose coarse sub-grid would be coarser than
+        :data:`MAX_COARSE_SPACING` (4°) are searched exhaustively by the
+        coarse-to-fine method.
     coarse_factor
         Lattice stride of the coarse grid (2: twice the fine spacing, 4° and
         12 643 orientations for m-3m at 2°).
@@ -125,6 +134,10 @@ class SearchConfig:
     pseudo_symmetry
         Also search the box around the best match's best pseudo-symmetric
         alternative (60° about <111>; Laue group m-3m only, ignored otherwise).
+    precision
+        Operand rounding of the fused search: ``"fp32"`` (default), ``"tf32"``
+        or ``"fp16"`` (see :mod:`dpm.fused`); the other methods score in
+        float32.
     working_size
         Patterns are binned by ``min(sy, sx) // working_size`` (or the largest
         smaller factor that divides both sides) for the ranking stages; 0
@@ -138,6 +151,7 @@ class SearchConfig:
     radius: int = 1
     confidence: float = 7.0
     pseudo_symmetry: bool = True
+    precision: str = "fp32"
     working_size: int = 30
 
     def uses_coarse_to_fine(self, resolution: float) -> bool:
@@ -147,9 +161,10 @@ class SearchConfig:
                 and self.coarse_factor * resolution <= MAX_COARSE_SPACING + 1e-9)
 
     def __post_init__(self) -> None:
-        if self.method not in ("coarse-to-fine", "exhaustive"):
-            raise ValueError(f"search method must be 'coarse-to-fine' or 'exhaustive', got "
-                             f"{self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"search method must be one of {METHODS}, got {self.method!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("coarse_factor", "coarse_keep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -486,7 +501,8 @@ def coarse_to_fine(patterns: Any, dictionaries: SearchDictionaries, *, keep: int
     kc = min(int(config.coarse_keep), len(coarse_rows))
     first = match(binned, coarse, config=MatchConfig(keep=kc, memory_budget=budget))
     coarse_best = np.asarray(coarse_rows, dtype=np.int64)[backend.to_host(first.indices)]
-    scorer = _CandidateScorer(binned, dictionaries.wide, keep, max(budget // 2, 1))
+    ranked = min(max(keep, _RESCORED), len(grid))
+    scorer = _CandidateScorer(binned, dictionaries.wide, ranked, max(budget // 2, 1))
     everyone = np.arange(n)
     best_scores, best_indices = scorer.score(everyone, candidates(grid, coarse_best, config.radius),
                                              np.argsort(coarse_best[:, 0], kind="stable"))
@@ -521,14 +537,14 @@ def coarse_to_fine(patterns: Any, dictionaries: SearchDictionaries, *, keep: int
     final = best_indices
     if len(again):
         _log.debug("coarse-to-fine: %d patterns with fewer than %d candidates and %d not "
-                   "confident matched against the whole grid", int(short.sum()), keep,
+                   "confident matched against the whole grid", int(short.sum()), ranked,
                    int(unsure.sum()))
         every = _EveryRow(dictionaries.wide)
-        wide_keep = min(max(keep, _UNSURE_KEEP), len(grid))
+        wide_keep = min(max(ranked, _UNSURE_KEEP), len(grid))
         extra = match(binned[xp.asarray(again)], every,
                       config=MatchConfig(keep=wide_keep, memory_budget=budget))
         final = np.full((n, wide_keep), -1, dtype=np.int64)
-        final[:, :keep] = best_indices
+        final[:, :ranked] = best_indices
         final[again] = every.order[backend.to_host(extra.indices)]
     # At full resolution: each pattern's candidates, then a climb from the best.
     scorer = _CandidateScorer(patterns, dictionaries.fine, keep, max(budget // 2, 1))

@@ -345,3 +345,14 @@ def test_grains_and_simulate_take_a_config_file(tmp_path, capsys):
     assert "high_angel" in capsys.readouterr().err
     assert main(["--quiet", "simulate", "--phase", "li"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_search_flags_set_the_search_table():
+    """`--search fused --match-precision fp16` reach SearchConfig's method and precision."""
+    from dpm.cli import _index_options, _parser
+    from dpm.search import SearchConfig
+
+    args = _parser().parse_args(["index", "stack.h5", "--search", "fused",
+                                 "--match-precision", "fp16"])
+    search = _index_options(args)["search"]
+    assert SearchConfig(**search) == SearchConfig(method="fused", precision="fp16")

@@ -245,6 +245,7 @@ def test_confidence_is_the_score_in_null_standard_deviations() -> None:
     ({"confidence": -1.0}, "confidence"),
     ({"confidence": float("nan")}, "confidence"),
     ({"working_size": -1}, "working_size"),
+    ({"precision": "fp8"}, "precision"),
 ])
 def test_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -304,3 +305,27 @@ def test_bench_map_agrees_with_exhaustive_on_999_permille(li_master_module) -> N
     (fast, fast_scores), (full, full_scores) = best["coarse-to-fine"], best["exhaustive"]
     same = (fast == full) | np.isclose(fast_scores, full_scores, rtol=0, atol=1e-6)
     assert same[diff].mean() >= 0.999, f"{(~same[diff]).sum()} of {diff.sum()} differ"
+
+
+def test_index_with_the_fused_search_equals_exhaustive(li_master_module) -> None:
+    """``method="fused"`` (the dictionary made on the fly, :func:`dpm.fused.match_on_the_fly`)
+    gives the exhaustive matches in FP32; FP16 rounding moves no best match on this map."""
+    from dpm.pipeline import IndexConfig, index
+    from dpm.synthetic import SyntheticConfig, synthetic_map
+
+    detector = Detector(shape=(30, 30), pc=(0.49, 0.27, 0.58))
+    smap = synthetic_map(li_master_module, detector,
+                         SyntheticConfig(map_shape=(6, 8), grain_width=2.0, seed=5))
+    found = {}
+    for method, precision in (("exhaustive", "fp32"), ("fused", "fp32"), ("fused", "fp16")):
+        config = IndexConfig(resolution=5.0, device="cpu", refine=False, keep=3,
+                             search=SearchConfig(method=method, precision=precision))
+        xmap = index(smap.patterns, detector=detector, master_pattern=li_master_module,
+                     config=config).xmap
+        found[method, precision] = (np.asarray(xmap.prop["simulation_indices"]).reshape(-1, 3),
+                                    np.asarray(xmap.prop["scores"]).reshape(-1, 3))
+    indices, scores = found["exhaustive", "fp32"]
+    np.testing.assert_array_equal(found["fused", "fp32"][0], indices)
+    np.testing.assert_allclose(found["fused", "fp32"][1], scores, atol=1e-5)
+    np.testing.assert_array_equal(found["fused", "fp16"][0][:, 0], indices[:, 0])
+    np.testing.assert_allclose(found["fused", "fp16"][1], scores, atol=2e-3)
