@@ -14,7 +14,9 @@ index against a 2° sampling of the fundamental zone, then refine:
   numba kernels loaded from their on-disk cache, as kikuchipy's are) and then
   warm (the same cache folder again); and once with ``search.method =
   "exhaustive"`` (every pattern against all 100 347 orientations), to show
-  how often the coarse-to-fine search finds the exhaustive best match;
+  how often the coarse-to-fine search finds the exhaustive best match; and
+  with ``search.method = "pca"`` (:mod:`dpm.compression`), cold (the
+  compressed dictionary built and cached) and warm (read from that cache);
 - kikuchipy: ``orix.sampling.get_sample_fundamental``,
   ``EBSDMasterPattern.get_patterns`` (the whole dictionary in memory),
   ``EBSD.dictionary_indexing`` (NCC, top 1) and ``EBSD.refine_orientation``
@@ -23,7 +25,8 @@ index against a 2° sampling of the fundamental zone, then refine:
 Printed: wall seconds per stage for each, the end-to-end ratios (cold and
 warm), the disorientation to the truth after refinement over the diffracting
 pixels (mean, median, fraction within 2°), and the agreement of the
-coarse-to-fine best match with the exhaustive one over the diffracting pixels.
+coarse-to-fine and PCA best matches with the exhaustive one over the
+diffracting pixels.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def _report(name: str, stages: dict[str, float], accuracy: dict[str, float], n: 
           f"{100 * accuracy['within_2deg']:.2f} % within 2°")
     if "kikuchipy" in MEASURED:
         reference = MEASURED["kikuchipy"]["stages"]["total"]
-        for run in ("dpm cold", "dpm warm", "dpm exhaustive"):
+        for run in ("dpm cold", "dpm warm", "dpm exhaustive", "dpm pca cold", "dpm pca warm"):
             if run in MEASURED:
                 print(f"{run}: {reference / MEASURED[run]['stages']['total']:.2f}x faster than "
                       "kikuchipy end to end on this map")
@@ -141,15 +144,42 @@ def test_bench_end_to_end_dpm_exhaustive(benchmark, bench_map, tmp_path, monkeyp
 
     _dpm_run("dpm exhaustive", benchmark, bench_map, str(tmp_path / "cache"), monkeypatch,
              search=SearchConfig(method="exhaustive"))
+    if "dpm cold" in MEASURED:
+        _agreement("coarse-to-fine", "dpm cold", bench_map)
+
+
+def test_bench_end_to_end_dpm_pca(benchmark, bench_map, tmp_path_factory, monkeypatch):
+    # Cold: the compressed dictionary is built (and cached); warm: read from that cache.
+    from dpm.search import SearchConfig
+
+    cache = str(tmp_path_factory.mktemp("dpm-pca-cache"))
+    for run in ("dpm pca cold", "dpm pca warm"):
+        _dpm_run(run, benchmark if run.endswith("cold") else _Once(), bench_map, cache,
+                 monkeypatch, search=SearchConfig(method="pca"))
+    if "dpm exhaustive" in MEASURED:
+        _agreement("PCA (dpm.compression)", "dpm pca warm", bench_map)
+
+
+class _Once:
+    """A stand-in for the ``benchmark`` fixture, which times one call per test."""
+
+    extra_info: dict = {}
+
+    @staticmethod
+    def pedantic(run, rounds: int, iterations: int) -> Any:
+        return run()
+
+
+def _agreement(label: str, run: str, bench_map) -> None:
+    """Print how often ``run``'s best match is the exhaustive one over the diffracting pixels."""
     _, _, smap = bench_map
     diffracting = smap.diffracting.ravel()
-    if "dpm cold" in MEASURED:
-        fast, full = MEASURED["dpm cold"], MEASURED["dpm exhaustive"]
-        same = (fast["best"] == full["best"]) | np.isclose(
-            fast["dictionary_scores"], full["dictionary_scores"], rtol=0, atol=1e-6)
-        print(f"coarse-to-fine best match = exhaustive best match on "
-              f"{100 * same[diffracting].mean():.3f} % of {diffracting.sum()} diffracting pixels "
-              f"({(~same[diffracting]).sum()} differ)")
+    fast, full = MEASURED[run], MEASURED["dpm exhaustive"]
+    same = (fast["best"] == full["best"]) | np.isclose(
+        fast["dictionary_scores"], full["dictionary_scores"], rtol=0, atol=1e-6)
+    print(f"{label} best match = exhaustive best match on "
+          f"{100 * same[diffracting].mean():.3f} % of {diffracting.sum()} diffracting pixels "
+          f"({(~same[diffracting]).sum()} differ)")
 
 
 def test_bench_end_to_end_kikuchipy(benchmark, bench_map, tmp_path):

@@ -210,6 +210,22 @@ class ChunkContext:
                                    mask=self.mask_used, config=self.config.search, xp=self.xp,
                                    capacity=self.budget // 4)
 
+    def compressed(self) -> tuple[Any, Any]:
+        """This process's compressed dictionary for ``det_used`` (:func:`dpm.compression.compress`,
+        read from or written to the on-disk cache) and its full-resolution rows
+        (:class:`dpm.search.FineRows`, projected on demand for the exact rescoring)."""
+        pc = tuple(round(float(v), 12) for v in self.det_used.pc)
+        return _cached(self.key, f"compressed{pc}", self._build_compressed)
+
+    def _build_compressed(self) -> tuple[Any, Any]:
+        from dpm.compression import compress
+        from dpm.dictionary import Dictionary
+        from dpm.search import FineRows
+
+        dictionary = Dictionary(self.dictionary_master(), self.det_used, self.rotations,
+                                mask=self.mask_used)
+        return compress(dictionary, xp=self.xp), FineRows(dictionary, self.xp, self.budget // 4)
+
     def refinement_master(self) -> Any:
         from dpm.refine import refinement_master
 
@@ -236,7 +252,7 @@ def project_dictionary(dictionary: Any, xp: ModuleType) -> Any:
     return out
 
 
-def _dictionary_key(dictionary: Any, master: Any) -> str:
+def dictionary_key(dictionary: Any, master: Any) -> str:
     """Hash of everything a dictionary's patterns depend on."""
     from dpm.store import array_hash
 
@@ -283,7 +299,7 @@ class DictionaryFile:
 
         folder = cache_dir() / "dictionaries"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{_dictionary_key(dictionary, master)}.npy"
+        path = folder / f"{dictionary_key(dictionary, master)}.npy"
         if not path.exists():
             t = time.perf_counter()
 
@@ -369,6 +385,12 @@ def match_rows(context: ChunkContext, rows: Any, keep: int) -> Any:
     if search.uses_coarse_to_fine(context.config.resolution) and context.lattice is not None:
         return coarse_to_fine(rows, context.search(), keep=keep, config=search,
                               memory_budget=budget)
+    if search.method == "pca":
+        from dpm.compression import match_compressed
+
+        compressed, fine = context.compressed()
+        return match_compressed(rows, compressed, fine, keep=keep,
+                                rerank=max(keep, compressed.config.rerank), memory_budget=budget)
     if search.method == "fused":
         from dpm.dictionary import Dictionary
         from dpm.fused import FusedConfig, match_on_the_fly

@@ -108,11 +108,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="Gaussian filter of each pattern, σ in pixels (the sodium step)")
     i.add_argument("--average-neighbours", type=float, metavar="SIGMA",
                    help="average neighbouring patterns with a Gaussian window of σ map pixels")
-    i.add_argument("--search", choices=("coarse-to-fine", "exhaustive", "fused"),
+    i.add_argument("--search", choices=("coarse-to-fine", "exhaustive", "fused", "pca"),
                    help="dictionary search: coarse-to-fine (default: a 2x coarser grid, then "
-                   "the fine grid near each pattern's best coarse matches), exhaustive, or "
+                   "the fine grid near each pattern's best coarse matches), exhaustive, "
                    "fused (exhaustive with the dictionary made on the fly, never stored: the "
-                   "GPU kernel)")
+                   "GPU kernel) or pca (in the span of the dictionary's principal components, "
+                   "the best 16 rescored exactly; cached on disk)")
     i.add_argument("--match-precision", choices=("fp32", "tf32", "fp16"),
                    help="operand rounding of --search fused (default fp32)")
     i.add_argument("--refine-pc", choices=("fixed", "shared", "pattern"),

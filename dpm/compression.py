@@ -50,7 +50,7 @@ import numpy as np
 
 from dpm import backend
 from dpm.match import MatchConfig, MatchResult, match
-from dpm.search import FineRows, _CandidateScorer
+from dpm.search import CandidateScorer, FineRows
 
 _log = logging.getLogger("dpm")
 
@@ -75,15 +75,20 @@ class CompressionConfig:
         Fraction of the dictionary's energy (sum of squared pixel values, one
         per normalised row) the principal components keep, in (0, 1].
         Measured on the bench map (2 400 Li patterns of 60 x 60 px, 2° grid
-        of 100 347 orientations, 1 thread): 0.5 (228 components, 1.5 s per
-        match instead of 24–31 s exhaustive) with ``rerank`` 16 equals
-        exhaustive matching on every diffracting pixel; see
+        of 100 347 orientations, 1 thread): 0.9 (776 components, 3.7–4.6 s
+        per match instead of 24–31 s exhaustive) with ``rerank`` 8 or more
+        equals exhaustive matching on every diffracting pixel, and so does
+        0.5 (228 components, 1.5 s) with ``rerank`` 16; but 0.5 finds the
+        exhaustive best match for only half of the patterns of a 5° grid
+        at 30 x 30 px, whose neighbouring rows are less alike, while 0.9
+        finds it for ≥ 95 % (``tests/test_search.py``). See
         ``bench/test_bench_compression.py`` for 0.5–0.95.
     rerank
         Best approximate matches of each pattern rescored exactly against the
         full-resolution dictionary rows (at least the ``keep`` asked for). At
-        energy 0.5 on the bench map: 8 agree with exhaustive matching on
-        99.74 % of the diffracting pixels, 16 on all; noisier maps need more.
+        energy 0.9 on the bench map: 4 agree with exhaustive matching on
+        99.957 % of the diffracting pixels, 8 and 16 on all; at energy 0.5, 8
+        on 99.74 % and 16 on all.
     sample_stride
         Every ``sample_stride``-th dictionary row enters the randomized SVD.
         The basis fits its sample better than the other rows: at 0.9 of the
@@ -98,7 +103,7 @@ class CompressionConfig:
         Seed of the Gaussian start (NumPy ``default_rng``).
     """
 
-    energy: float = 0.5
+    energy: float = 0.9
     rerank: int = 16
     sample_stride: int = 4
     oversampling: int = 64
@@ -319,11 +324,11 @@ class CompressedDictionary:
 def compression_key(dictionary: Any, config: CompressionConfig) -> str:
     """Cache key of a compressed dictionary: the dictionary's cache identity (master
     pattern, detector, mask, orientations) and the compression settings."""
-    from dpm.chunks import _dictionary_key
+    from dpm.chunks import dictionary_key
     from dpm.store import array_hash
 
     return array_hash(extra=f"compressed-v{CACHE_VERSION};"
-                            f"{_dictionary_key(dictionary, dictionary.master)};"
+                            f"{dictionary_key(dictionary, dictionary.master)};"
                             f"{config.cache_identity()}")
 
 
@@ -480,7 +485,7 @@ def match_compressed(patterns: Any, compressed: CompressedDictionary, fine: Fine
     approximate = match(reduced, coefficients,
                         config=MatchConfig(keep=rerank, memory_budget=budget))
     candidates = backend.to_host(approximate.indices)
-    scorer = _CandidateScorer(patterns, fine, int(keep), max(budget // 2, 1))
+    scorer = CandidateScorer(patterns, fine, int(keep), max(budget // 2, 1))
     scores, rows = scorer.score(np.arange(len(candidates)), candidates,
                                 np.argsort(candidates[:, 0], kind="stable"))
     return MatchResult(indices=xp.asarray(rows), scores=xp.asarray(scores))

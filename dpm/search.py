@@ -93,7 +93,7 @@ _UNSURE_KEEP = 100
 #: and searched exhaustively.
 MAX_COARSE_SPACING = 4.0
 #: The search methods.
-METHODS: tuple[str, ...] = ("coarse-to-fine", "exhaustive", "fused")
+METHODS: tuple[str, ...] = ("coarse-to-fine", "exhaustive", "fused", "pca")
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,10 @@ class SearchConfig:
         and kept or read from the on-disk cache) or ``"fused"`` (every
         orientation too, the dictionary made on the fly and never stored:
         :func:`dpm.fused.match_on_the_fly`, ``kernels/fused_match.cu`` on a
-        GPU). Grids whose coarse sub-grid would be coarser than
+        GPU) or ``"pca"`` (matched in the span of the dictionary's leading
+        principal components, the best 16 rescored exactly:
+        :mod:`dpm.compression`; the compressed dictionary is cached on disk).
+        Grids whose coarse sub-grid would be coarser than
         :data:`MAX_COARSE_SPACING` (4°) are searched exhaustively by the
         coarse-to-fine method.
     coarse_factor
@@ -502,7 +505,7 @@ def coarse_to_fine(patterns: Any, dictionaries: SearchDictionaries, *, keep: int
     first = match(binned, coarse, config=MatchConfig(keep=kc, memory_budget=budget))
     coarse_best = np.asarray(coarse_rows, dtype=np.int64)[backend.to_host(first.indices)]
     ranked = min(max(keep, _RESCORED), len(grid))
-    scorer = _CandidateScorer(binned, dictionaries.wide, ranked, max(budget // 2, 1))
+    scorer = CandidateScorer(binned, dictionaries.wide, ranked, max(budget // 2, 1))
     everyone = np.arange(n)
     best_scores, best_indices = scorer.score(everyone, candidates(grid, coarse_best, config.radius),
                                              np.argsort(coarse_best[:, 0], kind="stable"))
@@ -547,7 +550,7 @@ def coarse_to_fine(patterns: Any, dictionaries: SearchDictionaries, *, keep: int
         final[:, :ranked] = best_indices
         final[again] = every.order[backend.to_host(extra.indices)]
     # At full resolution: each pattern's candidates, then a climb from the best.
-    scorer = _CandidateScorer(patterns, dictionaries.fine, keep, max(budget // 2, 1))
+    scorer = CandidateScorer(patterns, dictionaries.fine, keep, max(budget // 2, 1))
     best_scores, best_indices = scorer.score(everyone, final,
                                              np.argsort(final[:, 0], kind="stable"))
     _climb(scorer, grid, everyone, best_scores, best_indices)
@@ -566,7 +569,7 @@ def _pseudo_symmetry_variants(grid: CubochoricGrid) -> np.ndarray | None:
     return pseudo_symmetry_variants(pseudo_symmetry_operator(point_group), point_group)
 
 
-def _climb(scorer: "_CandidateScorer", grid: CubochoricGrid, moved: np.ndarray,
+def _climb(scorer: "CandidateScorer", grid: CubochoricGrid, moved: np.ndarray,
            best_scores: np.ndarray, best_indices: np.ndarray) -> None:
     """Until each best match of patterns ``moved`` is the best of its own lattice box,
     search the box of radius 1 around it (with the matches kept so far); in place.
@@ -585,7 +588,7 @@ def _climb(scorer: "_CandidateScorer", grid: CubochoricGrid, moved: np.ndarray,
         moved = moved[changed]
 
 
-class _CandidateScorer:
+class CandidateScorer:
     """Scores patterns against their own candidate rows, tile by tile (buffers reused)."""
 
     def __init__(self, patterns: Any, fine: FineRows, keep: int, tile_bytes: int) -> None:

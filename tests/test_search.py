@@ -238,7 +238,7 @@ def test_confidence_is_the_score_in_null_standard_deviations() -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"method": "pca"}, "search method"),
+    ({"method": "fastest"}, "search method"),
     ({"coarse_factor": 0}, "coarse_factor"),
     ({"coarse_keep": 1.5}, "coarse_keep"),
     ({"radius": -1}, "radius"),
@@ -307,9 +307,10 @@ def test_bench_map_agrees_with_exhaustive_on_999_permille(li_master_module) -> N
     assert same[diff].mean() >= 0.999, f"{(~same[diff]).sum()} of {diff.sum()} differ"
 
 
-def test_index_with_the_fused_search_equals_exhaustive(li_master_module) -> None:
+def test_index_with_the_fused_and_pca_searches_equals_exhaustive(li_master_module) -> None:
     """``method="fused"`` (the dictionary made on the fly, :func:`dpm.fused.match_on_the_fly`)
-    gives the exhaustive matches in FP32; FP16 rounding moves no best match on this map."""
+    gives the exhaustive matches in FP32; FP16 rounding moves no best match on this map;
+    ``method="pca"`` (:mod:`dpm.compression`) finds the same best matches."""
     from dpm.pipeline import IndexConfig, index
     from dpm.synthetic import SyntheticConfig, synthetic_map
 
@@ -317,7 +318,8 @@ def test_index_with_the_fused_search_equals_exhaustive(li_master_module) -> None
     smap = synthetic_map(li_master_module, detector,
                          SyntheticConfig(map_shape=(6, 8), grain_width=2.0, seed=5))
     found = {}
-    for method, precision in (("exhaustive", "fp32"), ("fused", "fp32"), ("fused", "fp16")):
+    for method, precision in (("exhaustive", "fp32"), ("fused", "fp32"), ("fused", "fp16"),
+                              ("pca", "fp32")):
         config = IndexConfig(resolution=5.0, device="cpu", refine=False, keep=3,
                              search=SearchConfig(method=method, precision=precision))
         xmap = index(smap.patterns, detector=detector, master_pattern=li_master_module,
@@ -329,3 +331,8 @@ def test_index_with_the_fused_search_equals_exhaustive(li_master_module) -> None
     np.testing.assert_allclose(found["fused", "fp32"][1], scores, atol=1e-5)
     np.testing.assert_array_equal(found["fused", "fp16"][0][:, 0], indices[:, 0])
     np.testing.assert_allclose(found["fused", "fp16"][1], scores, atol=2e-3)
+    # PCA: the best match is exhaustive's on >= 95 % of the pixels, with exact scores.
+    pca_indices, pca_scores = found["pca", "fp32"]
+    same = pca_indices[:, 0] == indices[:, 0]
+    assert same.mean() >= 0.95
+    np.testing.assert_allclose(pca_scores[same, 0], scores[same, 0], atol=1e-5)
