@@ -14,14 +14,10 @@ import scipy.linalg
 from dpm import backend, compression
 from dpm.compression import (CompressionConfig, compress, compression_key, match_compressed,
                              principal_basis)
-from dpm.detector import Detector
 from dpm.dictionary import Dictionary
-from dpm.match import MatchConfig, match, prepare_patterns
-from dpm.projection import integrate_pixels
-from dpm.sampling import cubochoric_grid
 from dpm.search import FineRows
+from search_data import noisy_patterns_setup
 
-RESOLUTION = 2.5
 KEEP = 5
 #: Settings of the fast tests: a sparser sample than the default.
 CONFIG = CompressionConfig(energy=0.9, sample_stride=8)
@@ -36,28 +32,15 @@ def li_master_module():
 
 @pytest.fixture(scope="module")
 def setup(li_master_module, tmp_path_factory):
-    """A 2.5° grid and its dictionary on a 32 x 32 detector (52 607 rows), 150 noisy
-    patterns of random orientations, their exhaustive matches and the compressed
-    dictionary (cached in a folder of this module)."""
-    master = li_master_module
-    detector = Detector(shape=(32, 32), pc=(0.5, 0.3, 0.6))
-    grid = cubochoric_grid(master.phase, RESOLUTION)
-    smooth = integrate_pixels(master, detector, orientation_spread=RESOLUTION / 2)
-    dictionary = Dictionary(smooth, detector, grid.rotations.data.astype(np.float32))
-    rng = np.random.default_rng(7)
-    q = rng.normal(size=(150, 4))
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    sharp = Dictionary(master, detector, q.astype(np.float32)).chunk(0, 150)
-    noisy = sharp + rng.normal(scale=0.3 * float(sharp.std()), size=sharp.shape).astype(np.float32)
-    patterns, _ = prepare_patterns(noisy.astype(np.float32))
-    rows = dictionary.chunk(0, len(dictionary))
-    exhaustive = match(patterns, rows, config=MatchConfig(keep=KEEP))
+    """The shared noisy-pattern set-up (:mod:`search_data`) and its compressed dictionary
+    (cached in a folder of this module)."""
+    setup = noisy_patterns_setup(li_master_module, KEEP)
+    dictionary = setup["dictionary"]
     mp = pytest.MonkeyPatch()
     mp.setenv("DPM_CACHE_DIR", str(tmp_path_factory.mktemp("compressed-cache")))
     compressed = compress(dictionary, config=CONFIG)
     mp.undo()
-    return {"dictionary": dictionary, "rows": rows, "patterns": patterns,
-            "exhaustive": exhaustive, "compressed": compressed}
+    return {**setup, "compressed": compressed}
 
 
 def _exact_spectrum(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,34 +13,17 @@ from dpm import backend
 from dpm.detector import Detector
 from dpm.dictionary import Dictionary
 from dpm.match import MatchConfig, match, prepare_patterns
-from dpm.projection import integrate_pixels
-from dpm.sampling import cubochoric_grid
 from dpm.search import (FineRows, PatternBinning, SearchConfig, binned_detector, binning_factor,
                         coarse_to_fine, confidence, search_dictionaries)
+from search_data import RESOLUTION, noisy_patterns_setup
 
-RESOLUTION = 2.5
 KEEP = 5
 
 
 @pytest.fixture(scope="module")
 def setup(li_master_module):
-    """A 2.5° grid, its dictionary on a 32 x 32 detector, and 150 noisy patterns of
-    random orientations (some next to the zone's faces, where boxes do not wrap)."""
-    master = li_master_module
-    detector = Detector(shape=(32, 32), pc=(0.5, 0.3, 0.6))
-    grid = cubochoric_grid(master.phase, RESOLUTION)
-    smooth = integrate_pixels(master, detector, orientation_spread=RESOLUTION / 2)
-    dictionary = Dictionary(smooth, detector, grid.rotations.data.astype(np.float32))
-    rng = np.random.default_rng(7)
-    q = rng.normal(size=(150, 4))
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    truth = Orientation(q, symmetry=O).reduce()
-    sharp = Dictionary(master, detector, truth.data.astype(np.float32)).chunk(0, 150)
-    noisy = sharp + rng.normal(scale=0.3 * float(sharp.std()), size=sharp.shape).astype(np.float32)
-    patterns, _ = prepare_patterns(noisy.astype(np.float32))
-    exhaustive = match(patterns, dictionary.chunk(0, len(dictionary)), config=MatchConfig(keep=KEEP))
-    return {"grid": grid, "dictionary": dictionary, "patterns": patterns, "truth": truth,
-            "exhaustive": exhaustive, "master": master, "detector": detector}
+    """The shared noisy-pattern set-up (:mod:`search_data`)."""
+    return noisy_patterns_setup(li_master_module, KEEP)
 
 
 @pytest.fixture(scope="module")
