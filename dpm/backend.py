@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -181,7 +182,27 @@ def kernel_source(name: str) -> str:
     path = kernel_dir() / f"{name}.cu"
     if not path.is_file():
         raise FileNotFoundError(f"CUDA kernel source {path} not found")
-    return path.read_text()
+    return with_headers(path.read_text())
+
+
+def with_headers(source: str) -> str:
+    """``source`` with each ``#include "NAME.cuh"`` line replaced by ``kernels/NAME.cuh``.
+
+    CuPy's RawModule compiles one string; the kernels share device helpers
+    through such headers (one level; they include nothing themselves).
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming the header that was looked for.
+    """
+    def paste(found: re.Match) -> str:
+        header = kernel_dir() / found.group(1)
+        if not header.is_file():
+            raise FileNotFoundError(f"CUDA header {header} not found")
+        return header.read_text()
+
+    return re.sub(r'^#include "([\w.]+\.cuh)"[ \t]*$', paste, source, flags=re.MULTILINE)
 
 
 @functools.lru_cache(maxsize=None)

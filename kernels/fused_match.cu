@@ -285,52 +285,8 @@ __device__ inline void fused_load(const fused_half* p, float* out, int count)
 }
 
 // ------------------------------------------------------ projection helpers
-// Copies of dpm_vector_to_lambert / dpm_lambert_bilinear in kernels/project.cu
-// (a RawModule compiles one file); the tests compare this kernel's dictionary
-// with project.cu's through the NumPy path, so a drift shows up there.
-
-__device__ inline void fused_vector_to_lambert(float x, float y, float z, float* a, float* b)
-{
-    const float sqrt_pi = 1.7724538509055160f;
-    const float inv_sqrt_half_pi = 0.7978845608028654f;  // 1 / sqrt(pi / 2)
-    if (x == 0.0f && y == 0.0f) {
-        *a = 0.0f;
-        *b = 0.0f;
-        return;
-    }
-    const float r = sqrtf(2.0f * (x * x + y * y) / (1.0f + fabsf(z)));
-    float X, Y;
-    if (fabsf(y) <= fabsf(x)) {
-        const float q = x >= 0.0f ? r : -r;
-        X = q * (0.5f * sqrt_pi);
-        Y = q * (2.0f / sqrt_pi) * atanf(y / x);
-    } else {
-        const float q = y >= 0.0f ? r : -r;
-        X = q * (2.0f / sqrt_pi) * atanf(x / y);
-        Y = q * (0.5f * sqrt_pi);
-    }
-    *a = X * inv_sqrt_half_pi;
-    *b = Y * inv_sqrt_half_pi;
-}
-
-__device__ inline float fused_lambert_bilinear(const float* __restrict__ mp, int side, float a,
-                                               float b)
-{
-    const float npx = 0.5f * (float)(side - 1);
-    const float last = (float)(side - 1);
-    const float xp = fminf(fmaxf(npx * a + npx, 0.0f), last);
-    const float yp = fminf(fmaxf(npx * b + npx, 0.0f), last);
-    const int c0 = (int)xp;
-    const int r0 = (int)yp;
-    const int c1 = c0 + 1 < side ? c0 + 1 : c0;
-    const int r1 = r0 + 1 < side ? r0 + 1 : r0;
-    const float dx = xp - (float)c0;
-    const float dy = yp - (float)r0;
-    return __ldg(mp + r0 * side + c0) * (1.0f - dy) * (1.0f - dx)
-         + __ldg(mp + r1 * side + c0) * dy * (1.0f - dx)
-         + __ldg(mp + r0 * side + c1) * (1.0f - dy) * dx
-         + __ldg(mp + r1 * side + c1) * dy * dx;
-}
+// dpm_vector_to_lambert / dpm_lambert_bilinear, shared with kernels/project.cu.
+#include "lambert.cuh"
 
 // --------------------------------------------------------------- top-k lists
 
@@ -495,8 +451,8 @@ __device__ inline void fused_match_body(
                     const float yc = R[3] * x + R[4] * y + R[5] * z;
                     const float zc = R[6] * x + R[7] * y + R[8] * z;
                     float la, lb;
-                    fused_vector_to_lambert(xc, yc, zc, &la, &lb);
-                    value = Prec::round(fused_lambert_bilinear(
+                    dpm_vector_to_lambert(xc, yc, zc, &la, &lb);
+                    value = Prec::round(dpm_lambert_bilinear(
                         zc >= 0.0f ? northern : southern, side, la, lb));
                     sum_d += value;
                     sum_d2 += (double)value * value;

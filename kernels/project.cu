@@ -50,52 +50,7 @@
 // Spread threshold for a "constant" row: std <= 16 float32 ulps of the mean.
 #define DPM_CONSTANT_RTOL (16.0 * 1.1920928955078125e-07)
 
-// Square Lambert coordinates (a, b) in [-1, 1]^2 of a unit vector (Rosca 2010),
-// hemisphere chosen by the caller from sign(z).
-__device__ inline void dpm_vector_to_lambert(float x, float y, float z, float* a, float* b)
-{
-    const float sqrt_pi = 1.7724538509055160f;
-    const float inv_sqrt_half_pi = 0.7978845608028654f;  // 1 / sqrt(pi / 2)
-    if (x == 0.0f && y == 0.0f) {
-        *a = 0.0f;
-        *b = 0.0f;
-        return;
-    }
-    // 1 - |z| = (x^2 + y^2) / (1 + |z|) for a unit vector; the right-hand side
-    // keeps float32 precision near the poles, where 1 - |z| cancels.
-    const float r = sqrtf(2.0f * (x * x + y * y) / (1.0f + fabsf(z)));
-    float X, Y;
-    if (fabsf(y) <= fabsf(x)) {
-        const float q = x >= 0.0f ? r : -r;
-        X = q * (0.5f * sqrt_pi);
-        Y = q * (2.0f / sqrt_pi) * atanf(y / x);
-    } else {
-        const float q = y >= 0.0f ? r : -r;
-        X = q * (2.0f / sqrt_pi) * atanf(x / y);
-        Y = q * (0.5f * sqrt_pi);
-    }
-    *a = X * inv_sqrt_half_pi;
-    *b = Y * inv_sqrt_half_pi;
-}
-
-// Bilinear interpolation of one hemisphere at Lambert (a, b) (kikuchipy/EMsoft).
-__device__ inline float dpm_lambert_bilinear(const float* __restrict__ mp, int side, float a, float b)
-{
-    const float npx = 0.5f * (float)(side - 1);
-    const float last = (float)(side - 1);
-    const float xp = fminf(fmaxf(npx * a + npx, 0.0f), last);
-    const float yp = fminf(fmaxf(npx * b + npx, 0.0f), last);
-    const int c0 = (int)xp;
-    const int r0 = (int)yp;
-    const int c1 = c0 + 1 < side ? c0 + 1 : c0;
-    const int r1 = r0 + 1 < side ? r0 + 1 : r0;
-    const float dx = xp - (float)c0;
-    const float dy = yp - (float)r0;
-    return mp[r0 * side + c0] * (1.0f - dy) * (1.0f - dx)
-         + mp[r1 * side + c0] * dy * (1.0f - dx)
-         + mp[r0 * side + c1] * (1.0f - dy) * dx
-         + mp[r1 * side + c1] * dy * dx;
-}
+#include "lambert.cuh"
 
 // __launch_bounds__(256, 4): at most 256 threads and at least 4 resident blocks
 // per SM. That caps registers at 64 (ptxas sm_90: 100 without the bound; 64 with

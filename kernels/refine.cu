@@ -62,6 +62,8 @@
     T* name = reinterpret_cast<T*>(dpm_dynamic_shared_)
 #endif
 
+#include "lambert.cuh"
+
 // Number of sums per item; must equal N_SUMS in dpm/refine.py.
 #define REFINE_N_SUMS 42
 
@@ -93,16 +95,9 @@ __device__ inline void refine_lambert(float x, float y, float z, float s, float*
 // Bilinear lookup of the three channels (I, dI/da, dI/db) of one hemisphere.
 __device__ inline float4 refine_bilinear(const float4* __restrict__ table, int side, float a, float b)
 {
-    const float npx = 0.5f * (float)(side - 1);
-    const float last = (float)(side - 1);
-    const float xp = fminf(fmaxf(npx * a + npx, 0.0f), last);
-    const float yp = fminf(fmaxf(npx * b + npx, 0.0f), last);
-    const int c0 = (int)xp;
-    const int r0 = (int)yp;
-    const int c1 = c0 + 1 < side ? c0 + 1 : c0;
-    const int r1 = r0 + 1 < side ? r0 + 1 : r0;
-    const float dx = xp - (float)c0;
-    const float dy = yp - (float)r0;
+    const DpmLambertCell cell = dpm_lambert_cell(side, a, b);
+    const int r0 = cell.r0, c0 = cell.c0, r1 = cell.r1, c1 = cell.c1;
+    const float dy = cell.dy, dx = cell.dx;
     const float w00 = (1.0f - dy) * (1.0f - dx);
     const float w10 = dy * (1.0f - dx);
     const float w01 = (1.0f - dy) * dx;

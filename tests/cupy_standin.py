@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dpm.backend import CUPY_SUBSET, kernel_dir
+from dpm.backend import CUPY_SUBSET, kernel_dir, kernel_source
 
 
 class ndarray(np.ndarray):
@@ -160,7 +160,7 @@ class RawModule:
 def _source_label(code: str) -> str:
     """Stem of the ``kernels/*.cu`` file holding ``code`` (for compiler messages)."""
     for path in sorted(kernel_dir().glob("*.cu")):
-        if path.read_text() == code:
+        if kernel_source(path.stem) == code:
             return path.stem
     return "rawmodule"
 

@@ -448,5 +448,6 @@ def compile_for_nvcc(path: Path, arch: str) -> Path:
         With nvcc's output.
     """
     command = ["nvcc", f"-arch={arch}", "-std=c++17", "-cubin", "-x", "cu"]
-    return _cached_build(f"{Path(path).stem}-{arch}", ".cubin", Path(path).read_text(),
+    return _cached_build(f"{Path(path).stem}-{arch}", ".cubin",
+                         backend.with_headers(Path(path).read_text()),
                          command, _compiler_identity("nvcc"))

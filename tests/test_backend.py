@@ -110,3 +110,16 @@ def test_import_dpm_is_lightweight():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "", f"import dpm imported {result.stdout.strip()}"
+
+
+def test_kernel_sources_carry_their_shared_headers():
+    """RawModule compiles one string: kernel_source pastes kernels/*.cuh in place of the
+    #include line; a header that is not there is named."""
+    from dpm import backend
+
+    for name in ("project", "fused_match"):
+        source = backend.kernel_source(name)
+        assert '#include "lambert.cuh"' not in source
+        assert source.count("__device__ inline void dpm_vector_to_lambert(") == 1
+    with pytest.raises(FileNotFoundError, match="missing.cuh"):
+        backend.with_headers('#include "missing.cuh"\n')
