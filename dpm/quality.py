@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import numba as nb
 import numpy as np
 
 from dpm import backend
@@ -354,16 +355,32 @@ def _working_images(xp: ModuleType, chunk: Any, binning: _Binning) -> Any:
 
 def _peak_heights(xp: ModuleType, work: Any, lines: _Lines, n_bands: int,
                   peak_window: tuple[int, int]) -> Any:
-    """(k,) float32: mean height ``h`` of the strongest band peaks (steps 1–6)."""
+    """(k,) float32: mean height ``h`` of the strongest band peaks (steps 1–6).
+
+    The line contrast ``D`` is one GEMM on ``xp``; steps 5–6 run per pattern in
+    the numba kernel :func:`_band_peaks_numba` on the CPU (in parallel over
+    patterns) and as array operations (:func:`_band_peaks`) on a GPU.
+    """
     operator, used, n_theta, n_rho = _device_operator(lines, xp)
-    k = work.shape[0]
     mean = (work * used).sum(axis=1, keepdims=True) / used.sum()
     d = xp.matmul((work - mean) * used, operator)
+    wt, wr = min(peak_window[0], n_theta), peak_window[1]
+    if xp is np:
+        out = np.empty(d.shape[0], dtype=np.float32)
+        _band_peaks_numba(np.ascontiguousarray(d, dtype=np.float32), n_theta, n_rho, wt, wr,
+                          n_bands, out)
+        return out
+    return _band_peaks(xp, d, n_theta, n_rho, wt, wr, n_bands)
+
+
+def _band_peaks(xp: ModuleType, d: Any, n_theta: int, n_rho: int, wt: int, wr: int,
+                n_bands: int) -> Any:
+    """Steps 5–6 as array operations: (k,) float32 ``h`` of line contrasts ``d`` (k, n_lines)."""
+    k = d.shape[0]
     med = xp.median(d, axis=1, keepdims=True)
     mad = xp.median(xp.abs(d - med), axis=1, keepdims=True) * xp.float32(1.4826)
     z = xp.where(mad > 0, (d - med) / xp.where(mad > 0, mad, xp.float32(1.0)), xp.float32(0.0))
     z = z.reshape(k, n_theta, n_rho)
-    wt, wr = min(peak_window[0], n_theta), peak_window[1]
     # θ is periodic with ρ reversed: the rows before θ = 0 are the last rows, flipped
     ext = xp.concatenate([z[:, n_theta - wt:, ::-1], z, z[:, :wt, ::-1]], axis=1)
     edge = xp.full((k, n_theta + 2 * wt, wr), -np.inf, dtype=xp.float32)
@@ -378,6 +395,54 @@ def _peak_heights(xp: ModuleType, work: Any, lines: _Lines, n_bands: int,
     # The mean of the n_bands largest needs no order among them: a partition, not a sort.
     top = xp.partition(peaks, peaks.shape[1] - n_bands, axis=1)[:, -n_bands:]
     return xp.where(xp.isfinite(top), top, xp.float32(0.0)).mean(axis=1)
+
+
+@nb.njit(parallel=True, cache=True)
+def _band_peaks_numba(d: np.ndarray, n_theta: int, n_rho: int, wt: int, wr: int, n_bands: int,
+                      out: np.ndarray) -> None:  # pragma: no cover (numba)
+    """CPU twin of :func:`_band_peaks`, one parallel iteration per pattern; fills ``out``."""
+    k, n_lines = d.shape
+    for i in nb.prange(k):
+        row = d[i]
+        med = np.float32(np.median(row))
+        dev = np.abs(row - med)
+        mad = np.float32(np.median(dev)) * np.float32(1.4826)
+        z = np.zeros(n_lines, dtype=np.float32)
+        if mad > 0:
+            z[:] = (row - med) / mad
+        best = np.full(n_bands, -np.inf, dtype=np.float32)   # ascending
+        for t in range(n_theta):
+            for r in range(n_rho):
+                v = z[t * n_rho + r]
+                if v <= best[0]:
+                    continue                  # cannot enter the n_bands largest
+                peak = True
+                for dt in range(-wt, wt + 1):
+                    tt, flip = t + dt, False
+                    if tt < 0:
+                        tt, flip = tt + n_theta, True
+                    elif tt >= n_theta:
+                        tt, flip = tt - n_theta, True
+                    for dr in range(-wr, wr + 1):
+                        rr = r + dr
+                        if 0 <= rr < n_rho:
+                            col = n_rho - 1 - rr if flip else rr
+                            if z[tt * n_rho + col] > v:
+                                peak = False
+                                break
+                    if not peak:
+                        break
+                if peak:
+                    j = 0
+                    while j + 1 < n_bands and best[j + 1] < v:
+                        best[j] = best[j + 1]
+                        j += 1
+                    best[j] = v
+        total = np.float32(0.0)
+        for j in range(n_bands):
+            if np.isfinite(best[j]):
+                total += best[j]
+        out[i] = total / np.float32(n_bands)
 
 
 @functools.lru_cache(maxsize=8)

@@ -170,7 +170,7 @@ class CubochoricGrid:
         # far points would visit most of the tree).
         near = np.argsort(-np.abs(equivalents[..., 0]), axis=0)[:_NEAREST_EQUIVALENTS]
         candidates = np.take_along_axis(equivalents, near[..., None], axis=0)
-        distance, found = self._tree.query(candidates.reshape(-1, 4))
+        distance, found = self._tree.query(candidates.reshape(-1, 4), workers=-1)
         distance = distance.reshape(len(near), -1)
         found = found.reshape(len(near), -1)
         best = np.argmin(distance, axis=0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dpm import backend
+from dpm import backend, quality
 from dpm.quality import (BandContrastConfig, band_contrast, pattern_quality, radon_matrix,
                          radon_transform)
 
@@ -119,6 +119,28 @@ class TestBandContrast:
         assert (bc[weak] > 10).mean() >= 0.95
         assert bc[normal].min() > 10 and np.median(bc[normal]) > 30
         assert np.median(bc[normal]) > np.median(bc[weak]) > bc[pores].max()
+
+    @pytest.mark.parametrize("window", [(2, 2), (1, 3), (3, 0)])
+    def test_numba_band_peaks_equal_the_array_path(self, li_map, window):
+        """Steps 5-6 on the CPU (numba, per pattern) and as array operations (the GPU
+        path): the same band-peak heights for Li patterns, noise and tied values."""
+        from dpm.quality import _band_peaks, _band_peaks_numba, _device_operator
+
+        raw = li_map.patterns.astype(np.float32)
+        work = (raw - li_map.static_background).reshape(-1, 3600)[:40]
+        rng = np.random.default_rng(4)
+        noise = rng.normal(size=(20, 3600)).astype(np.float32)
+        lines = quality._working_lines((60, 60), quality._binning((60, 60), 60), None,
+                                       BandContrastConfig())
+        operator, used, n_theta, n_rho = _device_operator(lines, np)
+        d = np.concatenate([work, noise]) @ operator
+        tied = np.round(d[:5] * 2) / 2                  # many equal values
+        for contrasts in (d, tied, np.zeros((2, d.shape[1]), np.float32)):
+            contrasts = np.ascontiguousarray(contrasts, dtype=np.float32)
+            expected = _band_peaks(np, contrasts, n_theta, n_rho, *window, 6)
+            got = np.empty(len(contrasts), dtype=np.float32)
+            _band_peaks_numba(contrasts, n_theta, n_rho, *window, 6, got)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
     def test_chunks_and_map_shape_do_not_change_the_result(self, xp):
         patterns = _band_patterns(6, 2.0, 3).reshape(2, 3, 60, 60)
