@@ -1,0 +1,264 @@
+"""Pattern-centre calibration: the PC field of a map over beam position.
+
+As the beam scans a tilted sample, the source point of the patterns moves
+relative to the detector, so the pattern centre (PC, Bruker convention: PCx
+and PCy fractions of the pattern width and height, PCz of its height) is a
+field over the map, not one point. For a flat sample, a beam step ``Δx``
+along the map's x moves the source parallel to the screen's x axis and a step
+``Δy`` along the map's y moves it in the plane of the beam and the detector
+normal, at the angle ``α = 90° − σ + θ`` (sample tilt ``σ``, detector tilt
+``θ``) to the screen (Singh et al. 2017, J. Appl. Cryst. 50, 1664,
+appendix A; kikuchipy's ``EBSDDetector.extrapolate_pc``)::
+
+    PCx = PCx0 − (x − x0) Δ / (δ b Nx)
+    PCy = PCy0 − (y − y0) Δ cos α / (δ b Ny)
+    PCz = PCz0 + (y − y0) Δ sin α / (δ b Ny)
+
+with the length ``Δ`` of one map unit on the sample, detector pixel size
+``δ`` (unbinned), binning ``b`` and pattern shape ``(Ny, Nx)``; x to the right
+and y down the map, as its rows and columns. So PCx is linear in x alone, PCy in y alone, and PCz follows
+PCy with the slope ``−tan α`` (−0.364 at 70° sample tilt and 0° detector
+tilt). :func:`pattern_centre_field` builds that field from the geometry;
+:func:`fit_pattern_centre_field` fits it to PCs refined at calibration
+patterns (the ``"constrained"`` model, 5 parameters: the PC at the map
+centre and the two gradients), or fits each component as a free affine
+plane over the map (``"plane"``, 9 parameters), or takes one PC
+(``"constant"``), rejecting outliers by their robust residuals.
+
+Beam positions are in the map's own units (µm for a map with a step size,
+map pixels otherwise); gradients are PC units per that unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from dpm.detector import Detector
+
+PCFieldModel = Literal["constrained", "plane", "constant"]
+#: The field models.
+MODELS: tuple[str, ...] = ("constrained", "plane", "constant")
+#: Robust scale (1.4826 MAD) below which residuals count as exact, in PC units.
+_RESIDUAL_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class PCFieldConfig:
+    """How a PC field is fitted.
+
+    Attributes
+    ----------
+    model
+        ``"constrained"`` (default: PCx linear in x, PCy linear in y, PCz
+        tied to PCy by ``−tan α``), ``"plane"`` (each component a free
+        affine function of x and y) or ``"constant"`` (one PC).
+    outlier_limit
+        A calibration PC is an outlier when one of its residuals exceeds this
+        many robust standard deviations (1.4826 × MAD) of that component's
+        residuals; the fit is repeated without the outliers.
+    max_passes
+        Most fit-and-reject passes.
+    """
+
+    model: PCFieldModel = "constrained"
+    outlier_limit: float = 4.0
+    max_passes: int = 5
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"PC field model must be one of {MODELS}, got {self.model!r}")
+        if not np.isfinite(self.outlier_limit) or self.outlier_limit <= 0:
+            raise ValueError(f"outlier_limit must be a positive number of standard "
+                             f"deviations, got {self.outlier_limit!r}")
+        if isinstance(self.max_passes, bool) or not isinstance(self.max_passes, (int, np.integer)) \
+                or self.max_passes < 1:
+            raise ValueError(f"max_passes must be a positive integer, got {self.max_passes!r}")
+
+
+@dataclass(frozen=True)
+class PatternCentreField:
+    """A PC field, affine in beam position.
+
+    Attributes
+    ----------
+    centre : (2,) float array
+        Beam position ``(x0, y0)`` the field is expanded about.
+    pc : (3,) float array
+        PC (Bruker) at ``centre``.
+    gradient : (3, 2) float array
+        ``d PC_k / d x`` and ``d PC_k / d y`` per unit of beam position.
+    """
+
+    centre: np.ndarray
+    pc: np.ndarray
+    gradient: np.ndarray
+
+    def at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """PCs at beam positions ``x``, ``y`` (same shape): ``(*shape, 3)``."""
+        dx = np.asarray(x, dtype=np.float64) - self.centre[0]
+        dy = np.asarray(y, dtype=np.float64) - self.centre[1]
+        return (self.pc + dx[..., None] * self.gradient[:, 0]
+                + dy[..., None] * self.gradient[:, 1])
+
+    def spread(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(3,) range (max − min) of each PC component over the beam positions given."""
+        pcs = self.at(x, y).reshape(-1, 3)
+        return pcs.max(axis=0) - pcs.min(axis=0)
+
+
+@dataclass(frozen=True)
+class PCFieldFit:
+    """The result of :func:`fit_pattern_centre_field`.
+
+    Attributes
+    ----------
+    field
+        The fitted field.
+    model
+        The model fitted.
+    residuals : (n, 3) float array
+        Calibration PC minus field, for every calibration pattern.
+    inliers : (n,) bool array
+        Calibration patterns the final fit used.
+    rms : (3,) float array
+        Root-mean-square residual of each component over the inliers.
+    """
+
+    field: PatternCentreField
+    model: str
+    residuals: np.ndarray
+    inliers: np.ndarray
+    rms: np.ndarray
+
+
+def tilt_slope(sample_tilt: float, detector_tilt: float = 0.0) -> float:
+    """``d PCz / d PCy`` of a beam step along the map's y: ``−tan(90° − σ + θ)``."""
+    return -float(np.tan(np.deg2rad(90.0 - sample_tilt + detector_tilt)))
+
+
+def pattern_centre_field(detector: Detector, centre: tuple[float, float], step: float,
+                         px_size: float | None = None) -> PatternCentreField:
+    """The constrained PC field of a flat sample from the geometry (Singh et al. 2017).
+
+    Parameters
+    ----------
+    detector
+        Detector with the PC at beam position ``centre`` (its shape, binning,
+        sample and detector tilt are used).
+    centre
+        Beam position ``(x0, y0)`` of that PC, in map units.
+    step
+        Length of one map unit on the sample, in µm (the step size when
+        positions are map pixels, 1 when they are µm).
+    px_size
+        Unbinned detector pixel size in µm (default: the detector's).
+
+    Returns
+    -------
+    PatternCentreField
+    """
+    ny, nx = detector.shape
+    screen = (detector.px_size if px_size is None else px_size) * detector.binning
+    alpha = np.deg2rad(90.0 - detector.sample_tilt + detector.tilt)
+    gradient = np.zeros((3, 2))
+    gradient[0, 0] = -step / (screen * nx)
+    gradient[1, 1] = -step * np.cos(alpha) / (screen * ny)
+    gradient[2, 1] = step * np.sin(alpha) / (screen * ny)
+    return PatternCentreField(np.asarray(centre, dtype=np.float64),
+                              np.asarray(detector.pc, dtype=np.float64), gradient)
+
+
+def fit_pattern_centre_field(x: np.ndarray, y: np.ndarray, pcs: np.ndarray, *,
+                             sample_tilt: float = 70.0, detector_tilt: float = 0.0,
+                             config: PCFieldConfig = PCFieldConfig()) -> PCFieldFit:
+    """Fit a PC field to PCs refined at calibration patterns, rejecting outliers.
+
+    Parameters
+    ----------
+    x, y : (n,) float arrays
+        Beam positions of the calibration patterns (map units).
+    pcs : (n, 3) float array
+        Their refined PCs (Bruker).
+    sample_tilt, detector_tilt
+        Degrees; the constrained model's PCz–PCy slope (:func:`tilt_slope`).
+    config
+        Model and outlier rejection.
+
+    Returns
+    -------
+    PCFieldFit
+        The field is expanded about the mean position of the inliers.
+
+    Raises
+    ------
+    ValueError
+        For mismatched shapes, non-finite input, or fewer calibration patterns
+        (after outlier rejection) than the model needs: 1 for ``"constant"``,
+        3 not on one line for ``"plane"``, and for ``"constrained"`` 2 apart
+        in x and 2 apart in y.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    pcs = np.asarray(pcs, dtype=np.float64)
+    if pcs.shape != (len(x), 3) or y.shape != x.shape:
+        raise ValueError(f"need x and y of shape (n,) and pcs of shape (n, 3); got "
+                         f"{x.shape}, {y.shape} and {pcs.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all() and np.isfinite(pcs).all()):
+        raise ValueError("calibration positions and PCs must be finite")
+    slope = tilt_slope(sample_tilt, detector_tilt)
+    inliers = np.ones(len(x), dtype=bool)
+    for _ in range(config.max_passes):
+        field = _fit(x[inliers], y[inliers], pcs[inliers], config.model, slope)
+        residuals = pcs - field.at(x, y)
+        # Outliers pull a least-squares field towards them: judge each residual by its
+        # distance from the inliers' median, in robust standard deviations.
+        median = np.median(residuals[inliers], axis=0)
+        scale = 1.4826 * np.median(np.abs(residuals[inliers] - median), axis=0)
+        scale = np.maximum(scale, _RESIDUAL_FLOOR)
+        keep = (np.abs(residuals - median) <= config.outlier_limit * scale).all(axis=1)
+        if np.array_equal(keep, inliers) or keep.sum() < _least_points(config.model):
+            break
+        inliers = keep
+    rms = np.sqrt((residuals[inliers] ** 2).mean(axis=0))
+    return PCFieldFit(field, config.model, residuals, inliers, rms)
+
+
+def _least_points(model: str) -> int:
+    return {"constant": 1, "plane": 3, "constrained": 2}[model]
+
+
+def _fit(x: np.ndarray, y: np.ndarray, pcs: np.ndarray, model: str,
+         slope: float) -> PatternCentreField:
+    """Least-squares field of ``model`` about the mean position of the points given."""
+    n = len(x)
+    if n < _least_points(model):
+        raise ValueError(f"{n} calibration patterns are too few for the {model!r} PC field "
+                         f"model (at least {_least_points(model)})")
+    centre = np.array([x.mean(), y.mean()])
+    dx, dy = x - centre[0], y - centre[1]
+    gradient = np.zeros((3, 2))
+    if model == "constant":
+        return PatternCentreField(centre, pcs.mean(axis=0), gradient)
+    if model == "plane":
+        design = np.column_stack([np.ones(n), dx, dy])
+        if np.linalg.matrix_rank(design) < 3:
+            raise ValueError(f"the {n} calibration patterns lie on one line: a 'plane' PC "
+                             "field needs them spread in x and y")
+        coefficients, *_ = np.linalg.lstsq(design, pcs, rcond=None)
+        return PatternCentreField(centre, coefficients[0], coefficients[1:].T)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        raise ValueError(f"the {n} calibration patterns do not spread in both x and y: the "
+                         "'constrained' PC field needs PCx's slope in x and PCy's in y")
+    # Unknowns: PCx0, PCy0, PCz0, d PCx / dx, d PCy / dy (PCz's slope in y is slope × it).
+    design = np.zeros((3 * n, 5))
+    design[:n, 0], design[:n, 3] = 1.0, dx
+    design[n:2 * n, 1], design[n:2 * n, 4] = 1.0, dy
+    design[2 * n:, 2], design[2 * n:, 4] = 1.0, slope * dy
+    coefficients, *_ = np.linalg.lstsq(design, pcs.T.ravel(), rcond=None)
+    gradient[0, 0] = coefficients[3]
+    gradient[1, 1] = coefficients[4]
+    gradient[2, 1] = slope * coefficients[4]
+    return PatternCentreField(centre, coefficients[:3], gradient)

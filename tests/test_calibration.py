@@ -1,0 +1,108 @@
+"""Tests for dpm.calibration: the PC field against kikuchipy's extrapolate_pc (the
+geometry oracle) and fits against synthetic fields with known truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dpm.calibration import (PCFieldConfig, PatternCentreField, fit_pattern_centre_field,
+                             pattern_centre_field, tilt_slope)
+from dpm.detector import Detector
+
+DETECTOR = Detector(shape=(60, 60), pc=(0.49, 0.27, 0.58), sample_tilt=70.0, binning=4,
+                    px_size=40.0)   # a 9.6 mm screen
+MAP = (20, 30)      # (ny, nx) map pixels
+STEP = 5.0          # µm per map pixel
+
+
+def _map_positions() -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.indices(MAP, dtype=float)
+    return x, y
+
+
+def test_geometry_field_equals_kikuchipy_extrapolate_pc():
+    """Singh et al.'s relations as kikuchipy implements them: PCx with x, PCy and PCz
+    with y (PCz at -tan(20°) of PCy's slope), for a PC given at map pixel (row 7, col 11)."""
+    x, y = _map_positions()
+    for tilt in (0.0, 4.0):
+        detector = Detector(shape=DETECTOR.shape, pc=DETECTOR.pc, sample_tilt=70.0, tilt=tilt,
+                            binning=4, px_size=40.0)
+        expected = detector.to_kikuchipy().extrapolate_pc(
+            pc_indices=np.array([7, 11]), navigation_shape=MAP, step_sizes=(STEP, STEP)).pc
+        field = pattern_centre_field(detector, centre=(11.0, 7.0), step=STEP)
+        np.testing.assert_allclose(field.at(x, y), expected, atol=1e-12)
+        assert field.gradient[2, 1] == pytest.approx(tilt_slope(70.0, tilt) * field.gradient[1, 1])
+    # This 145 µm wide map drifts by ~0.015 in PCx across its width.
+    assert 0.01 < field.spread(x, y)[0] < 0.02
+
+
+def _calibration(field: PatternCentreField, noise: tuple[float, float, float], seed: int = 1):
+    rng = np.random.default_rng(seed)
+    gy, gx = np.meshgrid(np.linspace(1, MAP[0] - 2, 5), np.linspace(1, MAP[1] - 2, 6),
+                         indexing="ij")
+    x, y = gx.ravel(), gy.ravel()
+    pcs = field.at(x, y) + rng.normal(size=(len(x), 3)) * np.asarray(noise)
+    return x, y, pcs
+
+
+def test_constrained_fit_recovers_the_field_and_rejects_outliers():
+    truth = pattern_centre_field(DETECTOR, centre=(14.5, 9.5), step=STEP)
+    x, y, pcs = _calibration(truth, (2e-4, 2e-4, 5e-4))
+    pcs[[3, 17, 22]] += [0.02, -0.015, 0.03]     # three calibrations gone wrong
+    fit = fit_pattern_centre_field(x, y, pcs, sample_tilt=70.0)
+    assert not fit.inliers[[3, 17, 22]].any() and fit.inliers.sum() >= len(x) - 5
+    mx, my = _map_positions()
+    error = np.abs(fit.field.at(mx, my) - truth.at(mx, my)).max()
+    assert error < 5e-4, error
+    assert np.all(fit.rms < 1e-3)
+    # Without rejection the outliers pull the field off by more.
+    once = fit_pattern_centre_field(x, y, pcs, config=PCFieldConfig(max_passes=1))
+    assert np.abs(once.field.at(mx, my) - truth.at(mx, my)).max() > error
+
+
+def test_plane_fits_any_affine_field_and_constrained_does_not():
+    field = PatternCentreField(np.array([10.0, 5.0]), np.array([0.5, 0.3, 0.6]),
+                               np.array([[1e-3, 2e-4], [-3e-4, 5e-4], [4e-4, -1e-4]]))
+    x, y, pcs = _calibration(field, (0.0, 0.0, 0.0))
+    plane = fit_pattern_centre_field(x, y, pcs, config=PCFieldConfig(model="plane"))
+    mx, my = _map_positions()
+    np.testing.assert_allclose(plane.field.at(mx, my), field.at(mx, my), atol=1e-12)
+    assert plane.inliers.all()
+    constrained = fit_pattern_centre_field(x, y, pcs)
+    assert np.abs(constrained.field.at(mx, my) - field.at(mx, my)).max() > 1e-3
+
+
+def test_no_drift_gives_a_flat_field():
+    flat = PatternCentreField(np.zeros(2), np.asarray(DETECTOR.pc), np.zeros((3, 2)))
+    x, y, pcs = _calibration(flat, (2e-4, 2e-4, 5e-4), seed=3)
+    mx, my = _map_positions()
+    for model in ("constrained", "plane"):
+        fit = fit_pattern_centre_field(x, y, pcs, config=PCFieldConfig(model=model))
+        assert np.all(fit.field.spread(mx, my) < 5e-4), (model, fit.field.spread(mx, my))
+    constant = fit_pattern_centre_field(x, y, pcs, config=PCFieldConfig(model="constant"))
+    np.testing.assert_allclose(constant.field.pc, DETECTOR.pc, atol=3e-4)
+    assert not constant.field.gradient.any()
+
+
+def test_bad_input_is_named():
+    x, y = np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 1.0])
+    pcs = np.tile(DETECTOR.pc, (3, 1))
+    with pytest.raises(ValueError, match="lie on one line"):
+        fit_pattern_centre_field(x, y, pcs, config=PCFieldConfig(model="plane"))
+    with pytest.raises(ValueError, match="spread in both x and y"):
+        fit_pattern_centre_field(x, y, pcs)
+    with pytest.raises(ValueError, match="too few"):
+        fit_pattern_centre_field(x[:1], y[:1], pcs[:1])
+    with pytest.raises(ValueError, match="shape"):
+        fit_pattern_centre_field(x, y, pcs[:2])
+    with pytest.raises(ValueError, match="finite"):
+        fit_pattern_centre_field(x, y, np.full((3, 3), np.nan))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model": "spline"}, "model"), ({"outlier_limit": 0}, "outlier_limit"),
+    ({"max_passes": 0}, "max_passes")])
+def test_config_errors(kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        PCFieldConfig(**kwargs)
