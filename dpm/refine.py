@@ -872,6 +872,7 @@ def refine(
     valid: np.ndarray | None = None,
     config: RefineConfig = RefineConfig(),
     progress: bool | Callable[[int, int], None] = False,
+    pcs: np.ndarray | None = None,
 ) -> RefineResult:
     """Refine the orientations (and optionally pattern centres) of many patterns.
 
@@ -896,6 +897,11 @@ def refine(
         Options.
     progress
         False, True (tqdm bar over candidates) or ``progress(done, total)``.
+    pcs : (n, 3) float array, optional
+        Each pattern's own PC (Bruker), e.g. from a PC field
+        (:mod:`dpm.calibration`), used instead of the detector's: kept with
+        ``pattern_centre="fixed"``, the start with ``"pattern"``; not with
+        ``"shared"``.
 
     Returns
     -------
@@ -925,6 +931,14 @@ def refine(
     pattern_of, start_of = np.nonzero(keep)
     q0 = starts_host[pattern_of, start_of]
     pc_start = np.asarray(det.pc, dtype=np.float64)
+    if pcs is not None:
+        pcs = np.asarray(pcs, dtype=np.float64)
+        if pcs.shape != (n, 3) or not np.isfinite(pcs).all():
+            raise ValueError(f"pcs must be finite with shape (n, 3) = ({n}, 3), got shape "
+                             f"{pcs.shape}")
+        if config.pattern_centre == "shared":
+            raise ValueError("per-pattern pcs and pattern_centre='shared' exclude each other: "
+                             "a shared PC is one PC for every pattern")
     # Candidates in batches of whole patterns, sized from the byte budget.
     batch = max(1, backend.memory_budget(xp, config.memory_budget) // _BYTES_PER_CANDIDATE)
 
@@ -947,7 +961,8 @@ def refine(
     quats = starts_host[:, 0].copy()
     quats *= np.where(quats[:, :1] < 0, -1.0, 1.0)
     scores = np.zeros(n, dtype=np.float32)
-    pcs_out = np.tile(np.asarray(det.pc, dtype=np.float64), (n, 1))
+    pcs_start = np.tile(pc_start, (n, 1)) if pcs is None else pcs
+    pcs_out = pcs_start.copy()
     iterations = np.zeros(n, dtype=np.int32)
     start = np.full(n, -1, dtype=np.int32)
     report, close = _progress(progress, len(pattern_of))
@@ -960,7 +975,8 @@ def refine(
                 lo + np.searchsorted(pattern_of[lo:], pattern_of[lo], side="right"))
         part = slice(lo, hi)
         state = _refine_candidates(problem, xp.asarray(pattern_of[part].astype(np.int32)),
-                                   xp.asarray(q0[lo:hi]), xp.tile(xp.asarray(pc_start), (hi - lo, 1)),
+                                   xp.asarray(q0[lo:hi]),
+                                   xp.asarray(pcs_start[pattern_of[part]]),
                                    pattern_of[part], n, config, with_pc, report)
         ncc = backend.to_host(state.ncc)
         order = np.lexsort((-ncc, pattern_of[part]))     # by pattern, best NCC first

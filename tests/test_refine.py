@@ -641,3 +641,43 @@ def test_candidate_batches_give_the_same_result(rmaster, map_case):
     np.testing.assert_allclose(batched.quaternions, whole.quaternions, atol=1e-12)
     np.testing.assert_array_equal(batched.scores, whole.scores)
     np.testing.assert_array_equal(batched.start, whole.start)
+
+
+class TestPerPatternPC:
+    """Patterns seen at different PCs (a PC field over the map): given each its own PC,
+    refinement finds the orientations; with the detector's one PC it does not."""
+
+    @pytest.fixture(scope="class")
+    def drift_case(self, rmaster):
+        rng = np.random.default_rng(8)
+        truth = random_quaternions(8, rng)
+        pcs = np.asarray(DETECTOR.pc) + rng.uniform(-1, 1, size=(8, 3)) * [0.015, 0.01, 0.004]
+        rows = np.concatenate([rows_of(camera_patterns(rmaster.master, replace(DETECTOR,
+                                                                             pc=tuple(pc)),
+                                                       q[None], supersample=1), None)
+                               for q, pc in zip(truth, pcs)])
+        return dict(truth=truth, pcs=pcs, rows=rows, starts=rotated(truth, 1.0, rng))
+
+    def test_own_pcs_recover_the_orientations(self, xp, rmaster, drift_case, point_group):
+        rows = xp.asarray(drift_case["rows"])
+        own = refine(rows, rmaster, DETECTOR, drift_case["starts"], pcs=drift_case["pcs"],
+                     config=PRECISE)
+        error = disorientation(own.quaternions, drift_case["truth"], point_group)
+        assert error.max() < 0.01, error
+        np.testing.assert_array_equal(own.pcs, drift_case["pcs"])
+        one = refine(rows, rmaster, DETECTOR, drift_case["starts"], config=PRECISE)
+        assert disorientation(one.quaternions, drift_case["truth"], point_group).mean() > 0.2
+
+    def test_own_pcs_start_the_pc_refinement(self, rmaster, drift_case):
+        start = drift_case["pcs"] + 0.003
+        result = refine(drift_case["rows"], rmaster, DETECTOR, drift_case["starts"], pcs=start,
+                        config=replace(PRECISE, pattern_centre="pattern"))
+        assert np.abs(result.pcs - drift_case["pcs"]).max() < 5e-4
+
+    def test_bad_pcs(self, rmaster, drift_case):
+        with pytest.raises(ValueError, match=r"shape \(n, 3\) = \(8, 3\)"):
+            refine(drift_case["rows"], rmaster, DETECTOR, drift_case["starts"],
+                   pcs=drift_case["pcs"][:3])
+        with pytest.raises(ValueError, match="exclude each other"):
+            refine(drift_case["rows"], rmaster, DETECTOR, drift_case["starts"],
+                   pcs=drift_case["pcs"], config=RefineConfig(pattern_centre="shared"))
