@@ -32,7 +32,7 @@ map pixels otherwise); gradients are PC units per that unit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -262,3 +262,89 @@ def _fit(x: np.ndarray, y: np.ndarray, pcs: np.ndarray, model: str,
     gradient[1, 1] = coefficients[4]
     gradient[2, 1] = slope * coefficients[4]
     return PatternCentreField(centre, coefficients[:3], gradient)
+
+
+def select_calibration_patterns(band_contrast: np.ndarray, usable: np.ndarray,
+                                grid: tuple[int, int] = (5, 5)) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration patterns spread over the map: the best one of each grid cell.
+
+    Parameters
+    ----------
+    band_contrast : (ny, nx) float array
+        Band contrast (or any pattern quality, higher is better) of every pixel.
+    usable : (ny, nx) bool array
+        Pixels that may calibrate (indexed, not zero solutions, not pores).
+    grid
+        Cells ``(rows, columns)`` the map is split into; each gives the usable
+        pixel of highest band contrast, cells without one give none.
+
+    Returns
+    -------
+    rows, cols : (k,) int arrays
+        Map pixels of the calibration patterns, cell by cell in row-major order.
+    """
+    bc = np.asarray(band_contrast, dtype=np.float64)
+    usable = np.asarray(usable, dtype=bool)
+    if bc.ndim != 2 or usable.shape != bc.shape:
+        raise ValueError(f"band_contrast and usable must be (ny, nx) maps of one shape, got "
+                         f"{bc.shape} and {usable.shape}")
+    gy, gx = (int(v) for v in grid)
+    if gy < 1 or gx < 1:
+        raise ValueError(f"calibration grid must be two positive cell counts, got {grid}")
+    ny, nx = bc.shape
+    row_edges = np.linspace(0, ny, min(gy, ny) + 1).round().astype(int)
+    col_edges = np.linspace(0, nx, min(gx, nx) + 1).round().astype(int)
+    rows, cols = [], []
+    for r0, r1 in zip(row_edges[:-1], row_edges[1:]):
+        for c0, c1 in zip(col_edges[:-1], col_edges[1:]):
+            cell = np.where(usable[r0:r1, c0:c1], bc[r0:r1, c0:c1], -np.inf)
+            if np.isfinite(cell).any():
+                r, c = np.unravel_index(np.argmax(cell), cell.shape)
+                rows.append(r0 + r)
+                cols.append(c0 + c)
+    return np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+
+
+def calibrate_pattern_centre_field(patterns: Any, starts: np.ndarray, x: np.ndarray,
+                                   y: np.ndarray, master: Any, detector: Detector, *,
+                                   mask: np.ndarray | None = None,
+                                   refine_config: Any = None,
+                                   config: PCFieldConfig = PCFieldConfig()) -> PCFieldFit:
+    """Refine orientation and PC jointly on calibration patterns and fit the PC field.
+
+    Parameters
+    ----------
+    patterns : (k, npix) float32 array
+        The calibration patterns as :func:`dpm.match.prepare_patterns` gives
+        them (NumPy or CuPy).
+    starts : (k, m, 4) or (k, 4) array
+        Their candidate orientations (dictionary matches), best first.
+    x, y : (k,) float arrays
+        Their beam positions (map units).
+    master
+        Master pattern or :class:`dpm.refine.RefinementMaster`.
+    detector
+        Detector with the starting PC (the map's one PC, e.g. at its centre).
+    mask
+        Signal mask the rows were taken over.
+    refine_config
+        :class:`dpm.refine.RefineConfig` (its ``pattern_centre`` is set to
+        ``"pattern"``); default options otherwise.
+    config
+        Field model and outlier rejection.
+
+    Returns
+    -------
+    PCFieldFit
+        Residuals are refined PC minus field; the refined PCs are
+        ``fit.residuals + fit.field.at(x, y)``.
+    """
+    from dataclasses import replace
+
+    from dpm.refine import RefineConfig, refine
+
+    refine_config = RefineConfig() if refine_config is None else refine_config
+    result = refine(patterns, master, detector, starts, mask=mask,
+                    config=replace(refine_config, pattern_centre="pattern"))
+    return fit_pattern_centre_field(x, y, result.pcs, sample_tilt=detector.sample_tilt,
+                                    detector_tilt=detector.tilt, config=config)
