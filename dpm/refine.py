@@ -782,46 +782,104 @@ def fit_shared_pattern_centre(patterns: Any, rmaster: RefinementMaster, detector
     ncc : float
         Mean NCC at the fit.
     """
+    n = int(np.shape(backend.to_host(quaternions))[0])
+    jacobian = np.broadcast_to(np.eye(3), (n, 3, 3))
+    shift, q, ncc = fit_linear_pattern_centres(patterns, rmaster, detector, quaternions, jacobian,
+                                               mask=mask, config=config)
+    return np.asarray(detector.pc, dtype=np.float64) + shift, q, ncc
+
+
+def fit_linear_pattern_centres(patterns: Any, rmaster: RefinementMaster, detector: Detector,
+                               quaternions: Any, jacobian: np.ndarray, *,
+                               base: np.ndarray | None = None,
+                               mask: np.ndarray | None = None,
+                               config: RefineConfig = RefineConfig()
+                               ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fit PCs that are linear in shared parameters, jointly with the orientations.
+
+    Pattern ``i`` sees the PC ``base[i] + jacobian[i] @ theta`` (e.g. a PC
+    field over beam position, :mod:`dpm.calibration`); ``theta`` (``k``
+    parameters, from 0) and every orientation are fitted by Levenberg–Marquardt
+    on the sum of the NCCs, each pattern's 3 × 3 orientation block eliminated
+    (Schur complement), so a step is one ``k × k`` solve. The PC trust radius
+    bounds the largest PC change of any pattern.
+
+    Parameters
+    ----------
+    patterns, rmaster, detector, quaternions, mask, config
+        As :func:`fit_shared_pattern_centre`.
+    jacobian : (n, 3, k) float array
+        ``d PC_i / d theta``.
+    base : (n, 3) float array, optional
+        Each pattern's PC at ``theta = 0`` (default: the detector's PC).
+
+    Returns
+    -------
+    theta : (k,) float64
+        Fitted parameters.
+    quaternions : (n, 4) float64
+        Orientations refined with them.
+    ncc : float
+        Mean NCC at the fit.
+    """
     det = as_detector(detector)
     problem = _problem(patterns, rmaster, det, mask)
     xp = problem.xp
     n = int(patterns.shape[0])
+    jac_host = np.asarray(jacobian, dtype=np.float64)
+    if jac_host.ndim != 3 or jac_host.shape[:2] != (n, 3):
+        raise ValueError(f"jacobian must have shape (n, 3, k) with n = {n}, got "
+                         f"{jac_host.shape}")
+    k = jac_host.shape[2]
+    jac = xp.asarray(jac_host)
     item_pattern = xp.arange(n, dtype=xp.int32)
     q = xp.asarray(backend.to_host(quaternions), dtype=xp.float64).reshape(n, 4)
-    pc = xp.asarray(np.asarray(det.pc, dtype=np.float64))
-    ncc, grad, hess = correlation_terms(problem.sums(item_pattern, q, xp.tile(pc, (n, 1))), problem.npix)
+    base_host = np.broadcast_to(np.asarray(det.pc, dtype=np.float64), (n, 3)) if base is None \
+        else np.asarray(base, dtype=np.float64)
+    if base_host.shape != (n, 3):
+        raise ValueError(f"base must have shape (n, 3) = ({n}, 3), got {base_host.shape}")
+    start = xp.asarray(np.ascontiguousarray(base_host))
+    theta = xp.zeros(k)
+
+    def pcs_of(t: Any) -> Any:
+        return start + xp.matmul(jac, t[:, None])[..., 0]
+
+    ncc, grad, hess = correlation_terms(problem.sums(item_pattern, q, pcs_of(theta)), problem.npix)
     total = float(backend.to_host(ncc.sum()))
     radius, pc_radius, lam = math.radians(config.trust_radius), config.pc_trust_radius, 1e-3
     tol = math.radians(config.tolerance)
-    eye3 = xp.eye(3)
+    eye3, eye_k = xp.eye(3), xp.eye(k)
+    jac_t = xp.swapaxes(jac, 1, 2)
     for _ in range(config.max_iterations):
         h_oo = hess[:, :3, :3]
-        h_op = hess[:, :3, 3:]
-        h_pp = hess[:, 3:, 3:]
+        h_op = xp.matmul(hess[:, :3, 3:], jac)                 # (n, 3, k)
+        h_pp = xp.matmul(jac_t, xp.matmul(hess[:, 3:, 3:], jac))
+        g_p = xp.matmul(jac_t, grad[:, 3:, None])[..., 0]     # (n, k)
         d_oo = xp.diagonal(h_oo, axis1=1, axis2=2)
         a = h_oo + (lam * xp.maximum(d_oo, 1e-30))[:, :, None] * eye3[None]
         a_inv = xp.linalg.inv(a)
-        a_inv_op = xp.matmul(a_inv, h_op)                      # (n, 3, 3)
+        a_inv_op = xp.matmul(a_inv, h_op)                      # (n, 3, k)
         a_inv_go = xp.matmul(a_inv, grad[:, :3, None])[..., 0]  # (n, 3)
         schur = (h_pp - xp.matmul(xp.swapaxes(h_op, 1, 2), a_inv_op)).sum(axis=0)
-        rhs = (grad[:, 3:] - xp.matmul(xp.swapaxes(h_op, 1, 2), a_inv_go[..., None])[..., 0]).sum(axis=0)
-        schur = schur + lam * xp.diagonal(schur) * eye3 + 1e-300 * eye3
-        dp = xp.linalg.solve(schur, rhs[:, None])[:, 0]
-        dp_norm = float(backend.to_host(xp.sqrt((dp * dp).sum())))
+        rhs = (g_p - xp.matmul(xp.swapaxes(h_op, 1, 2), a_inv_go[..., None])[..., 0]).sum(axis=0)
+        schur = schur + lam * xp.diagonal(schur) * eye_k + 1e-300 * eye_k
+        dt = xp.linalg.solve(schur, rhs[:, None])[:, 0]
+        moves = xp.matmul(jac, dt[:, None])[..., 0]             # (n, 3) PC changes
+        dp_norm = float(backend.to_host(xp.sqrt((moves * moves).sum(axis=1)).max()))
         if dp_norm > pc_radius:
-            dp = dp * (pc_radius / dp_norm)
+            dt = dt * (pc_radius / dp_norm)
             dp_norm = pc_radius
-        do = a_inv_go - (a_inv_op * dp[None, None, :]).sum(axis=2)
+        do = a_inv_go - (a_inv_op * dt[None, None, :]).sum(axis=2)
         rot = xp.sqrt((do * do).sum(axis=1))
         do = do * xp.minimum(1.0, radius / xp.maximum(rot, 1e-300))[:, None]
         q_try = _rotate(xp, do, q)
-        pc_try = pc + dp
+        theta_try = theta + dt
         n_try, g_try, h_try = correlation_terms(
-            problem.sums(item_pattern, q_try, xp.tile(pc_try, (n, 1))), problem.npix)
+            problem.sums(item_pattern, q_try, pcs_of(theta_try)), problem.npix)
         t_try = float(backend.to_host(n_try.sum()))
         max_rot = float(backend.to_host(rot.max()))
         if t_try > total:
-            q, pc, ncc, grad, hess, total = q_try, pc_try, n_try, g_try, h_try, t_try
+            q, theta, ncc, grad, hess, total = q_try, theta_try, n_try, g_try, h_try, t_try
             radius, pc_radius, lam = (min(2 * radius, 4 * math.radians(config.trust_radius)),
                                       min(2 * pc_radius, 4 * config.pc_trust_radius), max(lam / 3, 1e-9))
             if dp_norm < config.pc_tolerance and max_rot < tol:
@@ -830,7 +888,7 @@ def fit_shared_pattern_centre(patterns: Any, rmaster: RefinementMaster, detector
             radius, pc_radius, lam = radius / 4, pc_radius / 4, min(lam * 4, 1e9)
             if pc_radius < config.pc_tolerance and radius < tol:
                 break
-    return backend.to_host(pc), backend.to_host(q), total / n
+    return backend.to_host(theta), backend.to_host(q), total / n
 
 
 def _refine_candidates(problem: _Problem, item_pattern: Any, q0: Any, pcs: Any,

@@ -127,7 +127,8 @@ def test_calibration_patterns_are_the_best_of_each_cell():
 def test_calibration_on_drifting_patterns_recovers_the_field():
     """Li patterns rendered at the PCs of a realistic field (±0.007 in PCx across a
     145 µm map) with Poisson noise, 30 calibration pixels starting 1° off and at the
-    map-centre PC: the fitted field is within 0.001 of the truth at every pixel."""
+    map-centre PC: the field refined jointly on their NCCs is within 0.001 of the truth
+    at every pixel, closer than a plane through their own refined PCs."""
     from dataclasses import replace
 
     from orix.quaternion import Rotation
@@ -146,8 +147,8 @@ def test_calibration_on_drifting_patterns_recovers_the_field():
     for qi, pc in zip(q, truth.at(x, y)):
         image = camera_patterns(rmaster.master, replace(DETECTOR, pc=tuple(pc)), qi[None],
                                 supersample=1)
-        # NCC about 0.65 with the noise-free pattern: each refined PC is ~0.0013 off.
-        noisy = rng.poisson(3000 * (1 + image - image.min())).astype(np.float32)
+        # NCC about 0.46: each pattern's own refined PC is ~0.003 off.
+        noisy = rng.poisson(1000 * (1 + image - image.min())).astype(np.float32)
         rows.append(noisy.reshape(1, -1))
     patterns, _ = prepare_patterns(np.concatenate(rows))
     turn = Rotation.from_axes_angles(rng.normal(size=(len(x), 3)), 1.0, degrees=True)
@@ -156,4 +157,8 @@ def test_calibration_on_drifting_patterns_recovers_the_field():
     fit = calibrate_pattern_centre_field(patterns, starts, x, y, rmaster, centre)
     mx, my = _map_positions()
     error = np.abs(fit.field.at(mx, my) - truth.at(mx, my)).max()
-    assert error < 1e-3, (error, fit.rms)
+    assert error < 1e-3, (error, fit.rms)         # 0.0007 measured
+    # A plane through the patterns' own PCs alone is further off (0.0013 measured).
+    own = fit.residuals + fit.field.at(x, y)
+    plane_only = fit_pattern_centre_field(x, y, own).field
+    assert np.abs(plane_only.at(mx, my) - truth.at(mx, my)).max() > error
