@@ -79,6 +79,54 @@ class PCFieldConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """How ``dpm index`` calibrates the PC field of a map (:func:`dpm.pipeline.index`).
+
+    Attributes
+    ----------
+    grid
+        Cells ``(rows, columns)`` the map is split into; each gives at most
+        one calibration pattern.
+    window
+        Pixels ``window × window`` read at the centre of each cell: the one
+        of highest band contrast that diffracts (band contrast above the
+        zero-solution threshold) calibrates. Only these pixels are read and
+        preprocessed before the chunks, so the cost stays a small fraction of
+        the map's.
+    min_patterns
+        Calibration patterns (after outlier rejection) below which the field
+        is not fitted: the run keeps the given PC and warns.
+    dictionary_tolerance
+        When the fitted field's PC at the map centre differs from the given
+        PC by more than this in any component, the dictionary is projected at
+        the fitted one; otherwise the given PC's dictionary (projected for the
+        calibration's own matching) is kept, and each pattern's offset from it
+        is corrected in refinement.
+    field
+        Model and outlier rejection of the fit (``model`` is set from
+        ``IndexConfig.pc_field``).
+    """
+
+    grid: tuple[int, int] = (8, 8)
+    window: int = 3
+    min_patterns: int = 8
+    dictionary_tolerance: float = 0.005
+    field: PCFieldConfig = PCFieldConfig()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", tuple(int(v) for v in self.grid))
+        if len(self.grid) != 2 or min(self.grid) < 1:
+            raise ValueError(f"calibration grid must be two positive cell counts, got {self.grid}")
+        for name in ("window", "min_patterns"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"calibration {name} must be a positive integer, got {value!r}")
+        if not self.dictionary_tolerance >= 0:
+            raise ValueError(f"dictionary_tolerance must be >= 0 PC units, got "
+                             f"{self.dictionary_tolerance!r}")
+
+
+@dataclass(frozen=True)
 class PatternCentreField:
     """A PC field, affine in beam position.
 
@@ -288,12 +336,7 @@ def select_calibration_patterns(band_contrast: np.ndarray, usable: np.ndarray,
     if bc.ndim != 2 or usable.shape != bc.shape:
         raise ValueError(f"band_contrast and usable must be (ny, nx) maps of one shape, got "
                          f"{bc.shape} and {usable.shape}")
-    gy, gx = (int(v) for v in grid)
-    if gy < 1 or gx < 1:
-        raise ValueError(f"calibration grid must be two positive cell counts, got {grid}")
-    ny, nx = bc.shape
-    row_edges = np.linspace(0, ny, min(gy, ny) + 1).round().astype(int)
-    col_edges = np.linspace(0, nx, min(gx, nx) + 1).round().astype(int)
+    row_edges, col_edges = _cell_edges(bc.shape, grid)
     rows, cols = [], []
     for r0, r1 in zip(row_edges[:-1], row_edges[1:]):
         for c0, c1 in zip(col_edges[:-1], col_edges[1:]):
@@ -303,6 +346,35 @@ def select_calibration_patterns(band_contrast: np.ndarray, usable: np.ndarray,
                 rows.append(r0 + r)
                 cols.append(c0 + c)
     return np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+
+
+def _cell_edges(map_shape: tuple[int, int], grid: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column edges of the ``grid`` cells of a map (at most one cell per pixel)."""
+    gy, gx = (int(v) for v in grid)
+    if gy < 1 or gx < 1:
+        raise ValueError(f"calibration grid must be two positive cell counts, got {grid}")
+    ny, nx = map_shape
+    return (np.linspace(0, ny, min(gy, ny) + 1).round().astype(int),
+            np.linspace(0, nx, min(gx, nx) + 1).round().astype(int))
+
+
+def calibration_windows(map_shape: tuple[int, int], grid: tuple[int, int],
+                        window: int) -> list[tuple[int, int, int, int]]:
+    """Map blocks ``(row0, row1, col0, col1)`` at the centre of each grid cell.
+
+    The map is split into ``grid`` cells as :func:`select_calibration_patterns`
+    splits it; each cell gives the ``window × window`` block about its centre
+    (clipped to the cell), in row-major cell order.
+    """
+    row_edges, col_edges = _cell_edges(map_shape, grid)
+    blocks = []
+    for r0, r1 in zip(row_edges[:-1], row_edges[1:]):
+        for c0, c1 in zip(col_edges[:-1], col_edges[1:]):
+            h, w = min(window, r1 - r0), min(window, c1 - c0)
+            top, left = r0 + (r1 - r0 - h) // 2, c0 + (c1 - c0 - w) // 2
+            blocks.append((int(top), int(top + h), int(left), int(left + w)))
+    return blocks
 
 
 def calibrate_pattern_centre_field(patterns: Any, starts: np.ndarray, x: np.ndarray,

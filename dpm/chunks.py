@@ -107,6 +107,11 @@ class ChunkContext:
         needs; None allows the exhaustive search only.
     lattice_steps
         Semi-edge steps of that lattice.
+    pc_field
+        The map's PC field (:class:`dpm.calibration.PatternCentreField`, beam
+        positions in map pixels: x the column, y the row), or None: every
+        pattern is refined at its own PC from it, while the dictionary is
+        projected at ``det_used.pc``.
     """
 
     key: str
@@ -127,6 +132,7 @@ class ChunkContext:
     blas_threads: int = 1
     lattice: np.ndarray | None = None
     lattice_steps: int = 0
+    pc_field: Any = None
     _local: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -148,6 +154,12 @@ class ChunkContext:
             return int(self.mask_used.sum())
         return int(np.prod(self.det_used.shape))
 
+    @property
+    def _pc_key(self) -> str:
+        """The PC of ``det_used``, in the names of what is built for it (dictionaries,
+        filtered master patterns): a context replaced with another PC builds its own."""
+        return repr(tuple(round(float(v), 12) for v in self.det_used.pc))
+
     def stack(self) -> Any:
         """The pattern stack, opened once per process."""
         if "stack" in self._local:
@@ -163,8 +175,7 @@ class ChunkContext:
 
     def dictionary(self) -> Any:
         """This process's dictionary for ``det_used`` (projected once, or on disk)."""
-        pc = tuple(round(float(v), 12) for v in self.det_used.pc)
-        return _cached(self.key, f"dictionary{pc}", self._build_dictionary)
+        return _cached(self.key, f"dictionary{self._pc_key}", self._build_dictionary)
 
     def dictionary_master(self) -> Any:
         """The master pattern dictionary rows are projected from (pixel-integrated if asked)."""
@@ -172,7 +183,7 @@ class ChunkContext:
 
         if not self.config.pixel_integration:
             return self.master
-        return _cached(self.key, "dictionary_master", lambda: integrate_pixels(
+        return _cached(self.key, f"dictionary_master{self._pc_key}", lambda: integrate_pixels(
             self.master, self.det_used, orientation_spread=self.config.resolution / 2))
 
     def _build_dictionary(self) -> Any:
@@ -192,8 +203,7 @@ class ChunkContext:
         """This process's coarse-to-fine search dictionaries for ``det_used``
         (:class:`dpm.search.SearchDictionaries`: coarse rows on the device, binned and
         full-resolution rows projected on demand and kept within a quarter of the budget)."""
-        pc = tuple(round(float(v), 12) for v in self.det_used.pc)
-        return _cached(self.key, f"search{pc}", self._build_search)
+        return _cached(self.key, f"search{self._pc_key}", self._build_search)
 
     def _build_search(self) -> Any:
         from orix.quaternion import Rotation
@@ -214,8 +224,7 @@ class ChunkContext:
         """This process's compressed dictionary for ``det_used`` (:func:`dpm.compression.compress`,
         read from or written to the on-disk cache) and its full-resolution rows
         (:class:`dpm.search.FineRows`, projected on demand for the exact rescoring)."""
-        pc = tuple(round(float(v), 12) for v in self.det_used.pc)
-        return _cached(self.key, f"compressed{pc}", self._build_compressed)
+        return _cached(self.key, f"compressed{self._pc_key}", self._build_compressed)
 
     def _build_compressed(self) -> tuple[Any, Any]:
         from dpm.compression import compress
@@ -229,8 +238,15 @@ class ChunkContext:
     def refinement_master(self) -> Any:
         from dpm.refine import refinement_master
 
-        return _cached(self.key, "refinement_master",
+        return _cached(self.key, f"refinement_master{self._pc_key}",
                        lambda: refinement_master(self.master, self.det_used))
+
+    def block_pcs(self, block: tuple[int, int, int, int]) -> np.ndarray | None:
+        """(k, 3) PCs of a block's pixels from the PC field (row-major), None without one."""
+        if self.pc_field is None:
+            return None
+        rows, cols = np.mgrid[block[0]:block[1], block[2]:block[3]]
+        return self.pc_field.at(cols.ravel(), rows.ravel())
 
     def background_on(self, xp: ModuleType) -> Any:
         return None if self.background is None else xp.asarray(self.background)
@@ -440,13 +456,16 @@ def _index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dic
         refinement = replace(refinement, memory_budget=refinement.memory_budget
                              or max(1, context.budget // 4))
         refined = refine(rows, context.refinement_master(), context.det_used, topk,
-                         mask=context.mask_used, valid=readable, config=refinement)
+                         mask=context.mask_used, valid=readable, pcs=context.block_pcs(block),
+                         config=refinement)
         quaternions, scores = refined.quaternions, refined.scores.astype(np.float32)
         pcs, iterations = refined.pcs, refined.iterations.astype(np.int32)
         seconds["refine"] = time.perf_counter() - t
     else:
         quaternions, scores = topk[:, 0], dict_scores[:, 0]
-        pcs = np.tile(np.asarray(context.det_used.pc, dtype=np.float64), (n, 1))
+        pcs = context.block_pcs(block)
+        if pcs is None:
+            pcs = np.tile(np.asarray(context.det_used.pc, dtype=np.float64), (n, 1))
         iterations = np.zeros(n, dtype=np.int32)
     return {"readable": readable, "band_contrast": bc, "pattern_quality": iq,
             "topk_indices": indices, "topk_scores": dict_scores, "quaternions": quaternions,

@@ -257,7 +257,8 @@ def _touches(table: np.ndarray, pixels: np.ndarray) -> np.ndarray:
 def _rematch(patterns: Any, rmaster: RefinementMaster, detector: Detector,
              mask: np.ndarray | None, pixels: np.ndarray, quaternions: np.ndarray,
              indexed: np.ndarray, table: np.ndarray, symmetry: np.ndarray,
-             refine_config: RefineConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
+             refine_config: RefineConfig, batch: int,
+             pcs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Re-match ``pixels`` against their indexed neighbours' orientations, ``batch`` at a time.
 
     Only the patterns of ``pixels`` are read (``patterns[pixels]``), so
@@ -272,15 +273,16 @@ def _rematch(patterns: Any, rmaster: RefinementMaster, detector: Detector,
         part = slice(lo, lo + batch)
         q_out[part], s_out[part] = _rematch_batch(
             patterns, rmaster, detector, mask, pixels[part], quaternions, indexed, table,
-            symmetry, refine_config)
+            symmetry, refine_config, None if pcs is None else pcs[pixels[part]])
     return q_out, s_out
 
 
 def _rematch_batch(patterns: Any, rmaster: RefinementMaster, detector: Detector,
                    mask: np.ndarray | None, pixels: np.ndarray, quaternions: np.ndarray,
                    indexed: np.ndarray, table: np.ndarray, symmetry: np.ndarray,
-                   refine_config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
-    """One batch of :func:`_rematch`."""
+                   refine_config: RefineConfig,
+                   pcs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of :func:`_rematch`; ``pcs`` (m, 3) the pixels' own PCs, or None."""
     rows = patterns[pixels]
     problem = _problem(rows, rmaster, detector, mask)
     xp = problem.xp
@@ -290,8 +292,9 @@ def _rematch_batch(patterns: Any, rmaster: RefinementMaster, detector: Detector,
     cand = quaternions[np.where(ok, nb, 0)]                      # (m, 8, 4)
     # NCC of each pixel's pattern at each candidate: one kernel call.
     item = np.broadcast_to(np.arange(len(pixels))[:, None], ok.shape)[ok].astype(np.int32)
-    pcs = xp.tile(xp.asarray(np.asarray(detector.pc, dtype=np.float64)), (len(item), 1))
-    sums = problem.sums(xp.asarray(item), xp.asarray(cand[ok]), pcs, 3)
+    own = (np.tile(np.asarray(detector.pc, dtype=np.float64), (len(pixels), 1)) if pcs is None
+           else pcs)
+    sums = problem.sums(xp.asarray(item), xp.asarray(cand[ok]), xp.asarray(own[item]), 3)
     ncc = np.full(ok.shape, -np.inf)
     ncc[ok] = backend.to_host(correlation_terms(sums, problem.npix)[0])
     # Best first; ties broken by the quaternion so the order of neighbours is irrelevant.
@@ -306,7 +309,7 @@ def _rematch_batch(patterns: Any, rmaster: RefinementMaster, detector: Detector,
     starts = np.take_along_axis(cand, front[:, :width, None], axis=1)
     starts = np.where(np.arange(width)[None, :, None] < keep.sum(axis=1)[:, None, None],
                       starts, starts[:, :1])
-    result = refine(rows, rmaster, detector, starts, mask=mask, config=refine_config)
+    result = refine(rows, rmaster, detector, starts, mask=mask, pcs=pcs, config=refine_config)
     return result.quaternions, result.scores
 
 
@@ -323,6 +326,7 @@ def replace_zero_solutions(
     mask: np.ndarray | None = None,
     config: ZeroSolutionConfig = ZeroSolutionConfig(),
     refine_config: RefineConfig = RefineConfig(),
+    pcs: np.ndarray | None = None,
 ) -> ZeroSolutionResult:
     """Find zero solutions and re-index the diffracting ones from their neighbours.
 
@@ -374,6 +378,9 @@ def replace_zero_solutions(
         neighbour orientations count as distinct, ``n_starts`` how many of them
         are refined. ``pattern_centre`` must be ``"fixed"`` or ``"pattern"``
         (fit a shared PC beforehand and pass it in ``detector``).
+    pcs : (n, 3) float array, optional
+        Every pixel's own PC (Bruker), e.g. of the map's PC field
+        (:mod:`dpm.calibration`); the detector's PC for all when None.
 
     Returns
     -------
@@ -396,6 +403,9 @@ def replace_zero_solutions(
                          f"{(ny, nx)}, got {tuple(patterns.shape)}")
     if q.shape != (n, 4):
         raise ValueError(f"quaternions must have shape ({n}, 4), got {q.shape}")
+    own_pcs = None if pcs is None else np.asarray(pcs, dtype=np.float64)
+    if own_pcs is not None and own_pcs.shape != (n, 3):
+        raise ValueError(f"pcs must have shape ({n}, 3), got {own_pcs.shape}")
     for name, value in (("scores", s), ("readable", ok), ("band_contrast", bc)):
         if value.shape != (n,):
             raise ValueError(f"{name} must have one value per map pixel ({n}), got {value.shape}")
@@ -416,7 +426,7 @@ def replace_zero_solutions(
     def rematch(pixels: np.ndarray, state_q: np.ndarray,
                 state_indexed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return _rematch(patterns, rmaster, det, mask, pixels, state_q, state_indexed,
-                        table, symmetry, refine_config, batch)
+                        table, symmetry, refine_config, batch, own_pcs)
 
     replace_threshold = config.replace_threshold
     if replace_threshold is None:

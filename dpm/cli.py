@@ -23,7 +23,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 1
 _INDEX_OPTIONS = ("phase", "master_pattern", "pc", "pc_convention", "sample_tilt",
                   "detector_tilt", "resolution", "refine", "device", "memory_budget",
                   "kv", "npx", "keep", "method", "mask", "grid", "chunk_size", "scheduler",
-                  "resume", "overwrite", "out")
+                  "resume", "overwrite", "out", "pc_field")
 #: Command-line flags that set a field of a nested config table: flag -> (table, field).
 _TABLE_OPTIONS = {
     "binning": ("preprocess", "binning"),
@@ -38,7 +38,7 @@ _TABLE_OPTIONS = {
     "interface_direction": ("grains", "interface_direction"),
 }
 _TABLES = ("preprocess", "refinement", "zero_solutions", "cleanup", "pseudo_symmetry", "grains",
-           "boundaries", "search")
+           "boundaries", "search", "calibration")
 
 
 class UsageError(ValueError):
@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--refine-pc", choices=("fixed", "shared", "pattern"),
                    help="pattern centre in refinement: fixed (default), one shared PC fitted "
                    "for the map, or per pattern")
+    i.add_argument("--pc-field", choices=("auto", "plane", "constant"),
+                   help="pattern centre over the map: auto (default: calibrated on patterns "
+                   "spread over the map, the constrained field of a tilted flat sample, every "
+                   "pattern refined at its own PC; the given PC is the map centre's), plane "
+                   "(each PC component a free plane) or constant (the given PC everywhere)")
     i.add_argument("--no-zero-solutions", dest="zero_solutions", action="store_false",
                    default=None, help="keep zero solutions as matched (no neighbour replacement)")
     i.add_argument("--no-cleanup", dest="cleanup", action="store_false", default=None,
@@ -217,6 +222,7 @@ def _run_index(args: argparse.Namespace) -> int:
     from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
     from dpm.grains import GrainConfig
     from dpm.boundaries import BoundaryConfig
+    from dpm.calibration import CalibrationConfig, PCFieldConfig
     from dpm.pipeline import NEEDS_REFINE, IndexConfig, index
     from dpm.preprocess import PreprocessConfig
     from dpm.pseudo_symmetry import PseudoSymmetryConfig
@@ -253,10 +259,14 @@ def _run_index(args: argparse.Namespace) -> int:
     for table, cls in (("preprocess", PreprocessConfig), ("refinement", RefineConfig),
                        ("zero_solutions", ZeroSolutionConfig), ("cleanup", MapCleanupConfig),
                        ("pseudo_symmetry", PseudoSymmetryConfig), ("grains", GrainConfig),
-                       ("boundaries", BoundaryConfig), ("search", SearchConfig)):
+                       ("boundaries", BoundaryConfig), ("search", SearchConfig),
+                       ("calibration", CalibrationConfig)):
         if table in opts:
             try:
-                fields[table] = None if opts[table] is None else cls(**opts[table])
+                values = dict(opts[table]) if opts[table] is not None else None
+                if table == "calibration" and isinstance(values.get("field"), dict):
+                    values["field"] = PCFieldConfig(**values["field"])
+                fields[table] = None if values is None else cls(**values)
             except TypeError as e:
                 raise UsageError(f"[{table}] options: {e}") from None
     config = IndexConfig(**fields)

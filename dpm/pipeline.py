@@ -13,8 +13,11 @@
 5. sample the fundamental zone (:mod:`dpm.sampling`) and match every pattern
    against the dictionary projected chunk by chunk (:mod:`dpm.dictionary`,
    :mod:`dpm.match`), keeping the best ``keep`` matches;
+   Before the chunks, the PC field of the map is calibrated on patterns
+   spread over it (:mod:`dpm.calibration`, ``pc_field``);
 6. refine the orientation (and optionally the pattern centre) of every
-   pattern from its best matches (:mod:`dpm.refine`);
+   pattern from its best matches (:mod:`dpm.refine`), each at its own PC
+   from the field;
 7. find zero solutions and replace those that diffract (band contrast above
    the threshold) from their neighbours, then remove wild spikes and fill zero
    solutions from 6, then 5 agreeing neighbours (:mod:`dpm.cleanup`), then
@@ -39,6 +42,7 @@ import numpy as np
 
 from dpm import backend
 from dpm.boundaries import BoundaryConfig
+from dpm.calibration import CalibrationConfig, PCFieldConfig
 from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
 from dpm.grains import GrainConfig, Grid, check_grid
 from dpm.preprocess import PreprocessConfig
@@ -50,6 +54,8 @@ log = logging.getLogger("dpm")
 
 #: Stages of :class:`IndexConfig` that work on refined orientations (None = off).
 NEEDS_REFINE = ("zero_solutions", "cleanup", "pseudo_symmetry")
+#: ``IndexConfig.pc_field`` values and the PC field model each fits (:mod:`dpm.calibration`).
+PC_FIELD_MODELS = {"auto": "constrained", "plane": "plane", "constant": "constant"}
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,21 @@ class IndexConfig:
     boundaries
         Smoothing and summary of the grain-boundary traces
         (:func:`dpm.boundaries.boundary_traces`) written with the grains.
+    pc_field
+        The pattern centre over the map (:mod:`dpm.calibration`).
+        ``"auto"`` (default): before the chunks, calibration patterns spread
+        over the map are matched and their orientations and PCs refined, and
+        the physically constrained field (PCx linear in x, PCy in y, PCz tied
+        to PCy by the tilts) is fitted to them; every pattern is then refined
+        at its own PC from the field. ``"plane"``: the same with each PC
+        component a free affine plane. ``"constant"``: the detector's one PC
+        for every pattern. The given PC is taken as the map centre's; with
+        too few diffracting calibration patterns the run warns and keeps it.
+        Needs ``refine`` and ``refinement.pattern_centre`` ``"fixed"`` or
+        ``"pattern"`` (``"shared"`` fits one PC instead).
+    calibration
+        Calibration grid, window, minimum count and outlier rejection of the
+        PC field (its ``field.model`` follows ``pc_field``).
     """
 
     kv: float = 20.0
@@ -154,9 +175,18 @@ class IndexConfig:
     grains: GrainConfig = field(default_factory=GrainConfig)
     boundaries: BoundaryConfig = field(default_factory=BoundaryConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    pc_field: str = "auto"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
         check_grid(self.grid)
+        if self.pc_field not in PC_FIELD_MODELS:
+            raise ValueError(f"pc_field must be one of {tuple(PC_FIELD_MODELS)}, got "
+                             f"{self.pc_field!r}")
+        model = PC_FIELD_MODELS[self.pc_field]
+        if self.calibration.field.model != model:
+            object.__setattr__(self, "calibration", replace(
+                self.calibration, field=replace(self.calibration.field, model=model)))
         for stage in ("zero_solutions", "cleanup", "pseudo_symmetry", "grains"):
             value = getattr(self, stage)
             if value is not None and value.grid != self.grid:
@@ -174,6 +204,13 @@ class IndexConfig:
                 object.__setattr__(self, stage, None)
 
     @property
+    def uses_pc_field(self) -> bool:
+        """Whether the run calibrates a PC field: ``pc_field`` not ``"constant"``, refinement
+        on, and no shared PC fitted instead."""
+        return (self.pc_field != "constant" and self.refine
+                and self.refinement.pattern_centre != "shared")
+
+    @property
     def band_contrast_limit(self) -> float:
         """Band contrast above which a pixel diffracts: the zero-solution threshold
         (its default when the stage is off)."""
@@ -184,6 +221,7 @@ class IndexConfig:
         """Plain nested dict (for ``config.toml`` and ``summary.json``); a stage that is
         off (``zero_solutions=None``) is written as ``False``, which TOML can hold."""
         out = dataclasses.asdict(self)
+        out["calibration"]["grid"] = list(self.calibration.grid)
         for stage in NEEDS_REFINE:
             if getattr(self, stage) is None:
                 out[stage] = False
@@ -498,6 +536,109 @@ def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]],
     return pc
 
 
+def _calibrate_pc_field(context, config: IndexConfig, step: float,
+                        progress: bool) -> dict[str, Any]:
+    """The record of the map's PC field, fitted to calibration patterns spread over it.
+
+    Reads only the ``calibration.window`` blocks at the centres of the
+    ``calibration.grid`` cells (:func:`dpm.calibration.calibration_windows`):
+    each block's diffracting pixel of highest band contrast is a calibration
+    pattern. Those are matched against the dictionary at the detector's PC,
+    then their orientations and PCs refined and the field fitted
+    (:func:`dpm.calibration.calibrate_pattern_centre_field`). Beam positions
+    are map pixels (x the column, y the row).
+
+    Returns
+    -------
+    record : dict
+        For ``summary.json`` and the result store (JSON types only; the field
+        itself by :func:`_field_of`). Its ``status`` is ``"fitted"``, or
+        ``"given PC kept"`` with the ``reason`` when the map has too few
+        diffracting calibration patterns or the fit fails (warned).
+    """
+    from dpm.calibration import calibrate_pattern_centre_field, calibration_windows
+    from dpm.chunks import block_rows, match_rows
+
+    cal = config.calibration
+    ny, nx = context.map_shape
+    given = [float(v) for v in context.det_used.pc]
+    record: dict[str, Any] = {"model": cal.field.model, "given_pc": given,
+                              "grid": list(cal.grid), "window": cal.window}
+    picked_rows, picked = [], []
+    windows = calibration_windows((ny, nx), cal.grid, cal.window)
+    for r0, r1, c0, c1 in _progress_iter(windows, "PC calibration", progress):
+        rows, ok = block_rows(context, (r0, r1, c0, c1))
+        file_bc = (None if context.file_band_contrast is None else
+                   np.asarray(context.file_band_contrast).reshape(ny, nx)[r0:r1, c0:c1])
+        bc = pattern_quality_maps(rows, context.det_used, context.mask_used, len(ok),
+                                  band_contrast=file_bc)[0]
+        bc = np.where(ok & (bc > config.band_contrast_limit), bc, -np.inf)
+        if np.isfinite(bc).any():
+            best = int(np.argmax(bc))
+            picked_rows.append(rows[best:best + 1])
+            picked.append((r0 + best // (c1 - c0), c0 + best % (c1 - c0)))
+    record["calibration_pixels"] = [list(p) for p in picked]
+
+    def fallback(reason: str) -> dict[str, Any]:
+        log.warning("PC field not calibrated: %s; every pattern is indexed at the given PC "
+                    "(%.4f, %.4f, %.4f)", reason, *given)
+        return record | {"status": "given PC kept", "reason": reason}
+
+    if len(picked) < cal.min_patterns:
+        return fallback(f"only {len(picked)} of the {len(windows)} calibration cells have a "
+                        f"diffracting pattern (band contrast above "
+                        f"{config.band_contrast_limit:g}); at least {cal.min_patterns} are needed")
+    xp = context.xp
+    patterns = xp.concatenate(picked_rows)
+    found = match_rows(context, patterns, config.keep)
+    starts = context.rotations[backend.to_host(found.indices)].astype(np.float64)
+    r, c = (np.array(v, dtype=np.float64) for v in zip(*picked))
+    refinement = replace(config.refinement, memory_budget=config.refinement.memory_budget
+                         or max(1, context.budget // 4))
+    try:
+        fit = calibrate_pattern_centre_field(
+            patterns, starts, c, r, context.refinement_master(), context.det_used,
+            mask=context.mask_used, refine_config=refinement, config=cal.field)
+    except ValueError as e:
+        return fallback(str(e))
+    if fit.inliers.sum() < cal.min_patterns:
+        return fallback(f"{int(fit.inliers.sum())} of {len(picked)} calibration patterns agree "
+                        f"with one field; at least {cal.min_patterns} are needed")
+    record |= _field_record(fit.field, (ny, nx), step) | {
+        "status": "fitted", "inliers": [bool(v) for v in fit.inliers],
+        "residuals_rms": [float(v) for v in fit.rms]}
+    log.info("PC field (%s, %d of %d calibration patterns): (%.4f, %.4f, %.4f) at the map "
+             "centre, spread (%.4f, %.4f, %.4f), residual rms (%.4f, %.4f, %.4f)",
+             cal.field.model, int(fit.inliers.sum()), len(picked), *record["pc_at_map_centre"],
+             *record["spread"], *record["residuals_rms"])
+    return record
+
+
+def _field_record(pc_field: Any, map_shape: tuple[int, int], step: float) -> dict[str, Any]:
+    """A PC field (beam positions in map pixels) as JSON types: its PC at the map centre,
+    gradient per µm, spread over the map and parameters."""
+    ny, nx = map_shape
+    map_rows, map_cols = np.mgrid[0:ny, 0:nx]
+    centre = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0])
+    return {"pc_at_map_centre": [float(v) for v in pc_field.at(*centre)],
+            "gradient_per_um": (np.asarray(pc_field.gradient) / step).tolist(),
+            "spread": [float(v) for v in pc_field.spread(map_cols, map_rows)],
+            "field_px": {"centre": np.asarray(pc_field.centre).tolist(),
+                         "pc": np.asarray(pc_field.pc).tolist(),
+                         "gradient": np.asarray(pc_field.gradient).tolist()}}
+
+
+def _field_of(record: dict[str, Any]) -> Any:
+    """The :class:`dpm.calibration.PatternCentreField` of a field record, or None."""
+    from dpm.calibration import PatternCentreField
+
+    if record.get("status") not in ("fitted", "given"):
+        return None
+    px = record["field_px"]
+    return PatternCentreField(np.asarray(px["centre"]), np.asarray(px["pc"]),
+                              np.asarray(px["gradient"]))
+
+
 def _content_hash(*arrays: Any) -> str | None:
     """:func:`dpm.store.array_hash` of the arrays given (mask, background), None for none."""
     from dpm.store import array_hash
@@ -562,6 +703,7 @@ def _map_stages(config: IndexConfig, arrays: dict[str, np.ndarray], rows, contex
         props["refinement_iterations"] = arrays["iterations"]
         props.update(pcx=pcs[:, 0], pcy=pcs[:, 1], pcz=pcs[:, 2])
         rmaster = context.refinement_master()
+        field_pcs = context.block_pcs((0, ny, 0, nx))   # None without a PC field
         map_refinement = replace(config.refinement, pattern_centre="fixed",
                                  memory_budget=config.refinement.memory_budget or budget // 4)
         indexed = readable.copy()
@@ -571,7 +713,7 @@ def _map_stages(config: IndexConfig, arrays: dict[str, np.ndarray], rows, contex
             zs = replace_zero_solutions(
                 rows, quaternions, scores, readable, bc, (ny, nx), rmaster,
                 replace(det_used, pc=mean_pc), mask=mask_used, config=config.zero_solutions,
-                refine_config=map_refinement)
+                refine_config=map_refinement, pcs=field_pcs)
             timings["zero_solutions"] = time.perf_counter() - t
             quaternions, scores, indexed, replaced = zs.quaternions, zs.scores, zs.indexed, zs.replaced
             details["zero_solutions"] = {
@@ -597,7 +739,7 @@ def _map_stages(config: IndexConfig, arrays: dict[str, np.ndarray], rows, contex
             pseudo = clean_pseudo_symmetry(
                 rows, quaternions, scores, indexed, (ny, nx), rmaster,
                 replace(det_used, pc=mean_pc), mask=mask_used, config=ps,
-                refine_config=map_refinement)
+                refine_config=map_refinement, pcs=field_pcs)
             timings["pseudo_symmetry"] = time.perf_counter() - t
             quaternions, scores = pseudo.quaternions, pseudo.scores
             props["pseudo_symmetry"] = pseudo.changed
@@ -632,6 +774,7 @@ def index(
     resume: bool = False,
     overwrite: bool = False,
     scheduler: Any = None,
+    pc_field: Any = None,
 ) -> IndexResult:
     """Index a stack of EBSD patterns: preprocess, match, refine, replace zero solutions.
 
@@ -680,6 +823,12 @@ def index(
     scheduler
         ``dask.distributed`` scheduler address or ``Client``: the chunks run
         as tasks on its workers (:func:`dpm.chunks.run_chunks`).
+    pc_field
+        A known PC field (:class:`dpm.calibration.PatternCentreField`, beam
+        positions in map pixels: x the column, y the row), e.g. from the
+        geometry (:func:`dpm.calibration.pattern_centre_field`) or an earlier
+        calibration: every pattern is refined at its PC from it and nothing is
+        calibrated (``config.pc_field`` is not used).
 
     Returns
     -------
@@ -769,6 +918,37 @@ def index(
         store.update(resolved=True)
     timings["preprocess_setup"] = time.perf_counter() - t
 
+    step = step_size if step_size is not None else (stack.step_size or 1.0)
+    pc_field_record = None
+    if pc_field is not None:
+        if not config.refine or config.refinement.pattern_centre == "shared":
+            raise ValueError("a given pc_field needs refinement with pattern_centre 'fixed' or "
+                             "'pattern'")
+        pc_field_record = _field_record(pc_field, context.map_shape, step) | {"status": "given"}
+    elif config.uses_pc_field:
+        # The PC field first, as for a shared PC: the chunks refine every pattern at its PC.
+        t = time.perf_counter()
+        pc_field_record = store.manifest.get("pc_field") if store is not None else None
+        if pc_field_record is None:
+            with threadpool_limits(limits=threads, user_api="blas"):  # as the chunks: the
+                # same field in any process
+                pc_field_record = _calibrate_pc_field(context, config, step, progress)
+            if store is not None:
+                store.update(pc_field=pc_field_record)
+        pc_field = _field_of(pc_field_record)
+        timings["pc_field"] = time.perf_counter() - t
+    elif config.pc_field != "constant":
+        log.info("no PC field: it needs refinement with pattern_centre 'fixed' or 'pattern'")
+    if pc_field is not None:
+        centre_pc = tuple(float(v) for v in pc_field_record["pc_at_map_centre"])
+        moved = np.abs(np.subtract(centre_pc, context.det_used.pc)).max()
+        if moved > config.calibration.dictionary_tolerance:
+            log.info("dictionary projected at the field's PC at the map centre, %.4f from "
+                     "the given PC", moved)
+            context = replace(context, det_used=replace(context.det_used, pc=centre_pc))
+        pc_field_record["dictionary_pc"] = [float(v) for v in context.det_used.pc]
+        context = replace(context, pc_field=pc_field)
+
     refinement = config.refinement
     if config.refine and refinement.pattern_centre == "shared":
         # Calibrate first, as the protocol does: fit one PC on a subset, then
@@ -854,6 +1034,7 @@ def index(
         "preprocessing": config.preprocess.steps(stack.pattern_shape),
         "detector_shape": list(context.det_used.shape),
         "input_hash": content_hash, "memory_budget_bytes": int(budget),
+        **({"pc_field": pc_field_record} if pc_field_record is not None else {}),
         "chunks": {"count": len(blocks),
                    "patterns_per_chunk": (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]),
                    "read_from_store": len(done)}}
@@ -865,7 +1046,6 @@ def index(
             config, arrays, rows, context, master, rotations, props, details, timings, budget)
     finally:
         limits.restore_original_limits()
-    step = step_size if step_size is not None else (stack.step_size or 1.0)
     y, x = np.divmod(np.arange(n), nx)
     xmap = CrystalMap(
         rotations=Rotation(rotation_data), phase_id=phase_id, x=x * step, y=y * step,

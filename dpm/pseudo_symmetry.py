@@ -339,8 +339,10 @@ def _candidates(q: np.ndarray, labels: np.ndarray, mean: np.ndarray, grain_pairs
 def _rematch(patterns: Any, rmaster: RefinementMaster, detector: Detector,
              mask: np.ndarray | None, pixels: np.ndarray, q: np.ndarray, which: np.ndarray,
              variants: np.ndarray, refine_config: RefineConfig,
-             batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Refine ``pixels`` from their current orientation and from their candidates.
+             batch: int, pcs: np.ndarray | None = None,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Refine ``pixels`` from their current orientation and from their candidates
+    (at their own PCs ``pcs[pixels]`` when ``pcs`` is given).
 
     Returns the refined NCC from the current orientation (m,), the best refined
     candidate (m, 4) and its NCC (m,), host arrays.
@@ -362,8 +364,10 @@ def _rematch(patterns: Any, rmaster: RefinementMaster, detector: Detector,
         # One refinement for both: rows 0..b-1 from the current orientation, b..2b-1
         # from the candidates.
         starts = np.concatenate([np.repeat(q[idx][:, None], width, axis=1), cand])
-        rows = patterns[xp.asarray(np.concatenate([idx, idx]))]
+        both = np.concatenate([idx, idx])
+        rows = patterns[xp.asarray(both)]
         result = refine(rows, rmaster, detector, starts, mask=mask,
+                        pcs=None if pcs is None else pcs[both],
                         config=replace(refine_config, n_starts=width))
         b = len(idx)
         current[part] = result.scores[:b]
@@ -383,6 +387,7 @@ def clean_pseudo_symmetry(
     mask: np.ndarray | None = None,
     config: PseudoSymmetryConfig = PseudoSymmetryConfig(),
     refine_config: RefineConfig = RefineConfig(),
+    pcs: np.ndarray | None = None,
 ) -> PseudoSymmetryResult:
     """Re-match grains related to a neighbour by the pseudo-symmetry; keep what the patterns say.
 
@@ -417,6 +422,9 @@ def clean_pseudo_symmetry(
         ``"fixed"`` or ``"pattern"``. ``memory_budget`` bounds the pattern
         rows copied for a batch of pixels (half of it) and the refinement's
         own state (the other half).
+    pcs : (n, 3) float array, optional
+        Every pixel's own PC (Bruker), e.g. of the map's PC field
+        (:mod:`dpm.calibration`); the detector's PC for all when None.
 
     Returns
     -------
@@ -453,6 +461,9 @@ def clean_pseudo_symmetry(
         if value.shape != (n,):
             raise ValueError(f"{name} must have one value per map pixel ({n}), got {value.shape}")
     ok = ok.astype(bool)
+    own_pcs = None if pcs is None else np.asarray(pcs, dtype=np.float64)
+    if own_pcs is not None and own_pcs.shape != (n, 3):
+        raise ValueError(f"pcs must have shape ({n}, 3), got {own_pcs.shape}")
 
     xp = backend.namespace(patterns)
     budget = backend.memory_budget(xp, refine_config.memory_budget)
@@ -487,7 +498,7 @@ def clean_pseudo_symmetry(
         if len(pixels) == 0:
             break
         current, new_q, new_s = _rematch(patterns, rmaster, det, mask, pixels, q_out, which,
-                                         variants, refine_config, batch)
+                                         variants, refine_config, batch, own_pcs)
         passes += 1
         other = distinct_starts(np.stack([q_out[pixels], new_q], axis=1), symmetry,
                                 refine_config.distinct_angle)[:, 1]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from dpm.calibration import PatternCentreField, pattern_centre_field
 from dpm.detector import Detector
 from dpm.master import MasterPattern
 from dpm.projection import project
@@ -92,6 +93,13 @@ class SyntheticConfig:
     shadow_fraction
         Fraction of the pattern area behind a detector shadow (see
         :func:`shadow`), the same on every pattern; 0 = no shadow.
+    pc_drift
+        Pattern-centre drift over the map, as a real scan has it: PCx
+        changes by ± this much (PC units) from the map centre to its left
+        and right edges, and PCy and PCz follow over the rows as the geometry
+        of a flat sample at the detector's tilts has them
+        (:func:`drift_field`). The detector's PC is the one of the map
+        centre. 0 = every pattern at the detector's PC.
     seed
         Random seed; the same seed gives the same map.
     """
@@ -110,6 +118,7 @@ class SyntheticConfig:
     weak_contrast: float = 0.065
     weak_distortion: float = 0.0
     shadow_fraction: float = 0.0
+    pc_drift: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -130,6 +139,10 @@ class SyntheticConfig:
             raise ValueError(f"weak_contrast must be non-negative, got {self.weak_contrast}")
         if not 0 <= self.shadow_fraction < 1:
             raise ValueError(f"shadow_fraction must be in [0, 1), got {self.shadow_fraction}")
+        if not 0 <= self.pc_drift < 0.2:
+            raise ValueError(f"pc_drift must be in [0, 0.2) PC units, got {self.pc_drift}")
+        if self.pc_drift > 0 and nx < 2:
+            raise ValueError("pc_drift needs a map at least 2 pixels wide")
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,6 +173,9 @@ class SyntheticMap:
     config
         The configuration the map was drawn with (the default configuration
         for maps read from a file).
+    pcs : (ny * nx, 3) float64 array or None
+        True PC (Bruker) of every pixel when the map drifts
+        (``config.pc_drift``); None when every pattern has the detector's PC.
     """
 
     patterns: np.ndarray
@@ -171,6 +187,7 @@ class SyntheticMap:
     static_background: np.ndarray | None = None
     step_size: float = 1.0
     config: SyntheticConfig = field(default_factory=SyntheticConfig)
+    pcs: np.ndarray | None = None
 
 
 def columnar_grains(config: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
@@ -460,7 +477,7 @@ def shadow(shape: tuple[int, int], fraction: float) -> np.ndarray:
 
 
 def camera_patterns(master: MasterPattern, detector: Detector, quaternions: np.ndarray,
-                    supersample: int = 4) -> np.ndarray:
+                    supersample: int = 4, pcs: np.ndarray | None = None) -> np.ndarray:
     """Kikuchi patterns as a binned camera records them: pixel means of a finer projection.
 
     Parameters
@@ -471,6 +488,8 @@ def camera_patterns(master: MasterPattern, detector: Detector, quaternions: np.n
         Orientations.
     supersample
         Sub-pixels per pattern pixel along each axis.
+    pcs : (n, 3) array, optional
+        Each pattern's own PC (Bruker) instead of the detector's.
 
     Returns
     -------
@@ -479,11 +498,33 @@ def camera_patterns(master: MasterPattern, detector: Detector, quaternions: np.n
     sy, sx = detector.shape
     fine = replace(detector, shape=(sy * supersample, sx * supersample))
     out = np.empty((len(quaternions), sy, sx), dtype=np.float32)
+    if pcs is not None:   # one projection per PC
+        for i, (q, pc) in enumerate(zip(quaternions, np.asarray(pcs, dtype=np.float64))):
+            sub = project(master, replace(fine, pc=tuple(float(v) for v in pc)), q[None])
+            out[i] = sub.reshape(sy, supersample, sx, supersample).mean(axis=(1, 3))
+        return out
     for start in range(0, len(quaternions), 512):  # bounded scratch memory
         q = quaternions[start:start + 512]
         sub = project(master, fine, q).reshape(len(q), sy, supersample, sx, supersample)
         out[start:start + len(q)] = sub.mean(axis=(2, 4))
     return out
+
+
+def drift_field(detector: Detector, map_shape: tuple[int, int], step_size: float,
+                drift: float) -> PatternCentreField:
+    """The PC field of a flat sample whose PCx changes by ``± drift`` across the map's width.
+
+    The field of :func:`dpm.calibration.pattern_centre_field` about the map
+    centre (beam positions in map pixels, x = column, y = row), with the
+    screen size that gives that drift: ``step_size (nx − 1) / (2 drift Nx)``
+    µm per pattern pixel. PCy and PCz change over the rows by the same screen
+    scale, PCz by ``−tan(90° − σ + θ)`` of PCy's change.
+    """
+    ny, nx = map_shape
+    screen = step_size * (nx - 1) / (2.0 * drift * detector.shape[1])
+    geometry = replace(detector, px_size=screen / detector.binning)
+    return pattern_centre_field(geometry, centre=((nx - 1) / 2.0, (ny - 1) / 2.0),
+                                step=step_size)
 
 
 def synthetic_map(
@@ -528,7 +569,11 @@ def synthetic_map(
     diffracting = pores(config, rng)
     weak = weak_pixels(diffracting, config.weak_fraction, np.random.default_rng([config.seed, 1]))
 
-    kikuchi = camera_patterns(master, detector, quaternions, config.supersample)
+    pcs = None
+    if config.pc_drift > 0:
+        rows, cols = np.divmod(np.arange(ny * nx), nx)
+        pcs = drift_field(detector, (ny, nx), config.step_size, config.pc_drift).at(cols, rows)
+    kikuchi = camera_patterns(master, detector, quaternions, config.supersample, pcs=pcs)
     kikuchi -= kikuchi.mean(axis=(1, 2), keepdims=True)
     kikuchi /= np.maximum(kikuchi.std(axis=(1, 2), keepdims=True), 1e-12)  # unit std
     kikuchi[~diffracting.ravel()] = 0.0
@@ -558,6 +603,7 @@ def synthetic_map(
         static_background=(mean_background * gain).astype(np.float32),
         step_size=config.step_size,
         config=config,
+        pcs=pcs,
     )
 
 
@@ -565,6 +611,8 @@ def save_synthetic_map(smap: SyntheticMap, path: str | Path) -> None:
     """Write a synthetic map and its truth to a compressed ``.npz`` file."""
     det = smap.detector
     extra = {} if smap.static_background is None else {"static_background": smap.static_background}
+    if smap.pcs is not None:
+        extra["pcs"] = smap.pcs
     np.savez_compressed(
         path, patterns=smap.patterns, quaternions=smap.quaternions, grain_ids=smap.grain_ids,
         diffracting=smap.diffracting, weak=smap.weak, pc=np.asarray(det.pc),
@@ -589,4 +637,4 @@ def load_synthetic_map(path: str | Path) -> SyntheticMap:
             weak=f["weak"] if "weak" in f.files else np.zeros_like(diffracting),
             detector=det,
             static_background=f["static_background"] if "static_background" in f.files else None,
-            step_size=float(f["step_size"]))
+            step_size=float(f["step_size"]), pcs=f["pcs"] if "pcs" in f.files else None)

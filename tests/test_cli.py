@@ -356,3 +356,23 @@ def test_search_flags_set_the_search_table():
                                  "--match-precision", "fp16"])
     search = _index_options(args)["search"]
     assert SearchConfig(**search) == SearchConfig(method="fused", precision="fp16")
+
+
+def test_pc_field_flag_and_its_config_table(stack_file, master_file, tmp_path):
+    """--pc-field picks the field model; config.toml holds it and the nested
+    [calibration.field] table, which --config reads back; constant calibrates nothing."""
+    out = tmp_path / "plane"
+    args = ["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
+            "--pc", "0.5", "0.3", "0.6", "--resolution", "10"]
+    assert main([*args, "--pc-field", "plane", "--out", str(out)]) == 0
+    record = json.loads((out / "summary.json").read_text())["pc_field"]
+    assert record["model"] == "plane" and record["grid"] == [8, 8]
+    written = (out / "config.toml").read_text()
+    assert 'pc_field = "plane"' in written and '[calibration.field]\nmodel = "plane"' in written
+    again = tmp_path / "again"
+    assert main(["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
+                 "--config", str(out / "config.toml"), "--out", str(again)]) == 0
+    assert (again / "config.toml").read_text() == written
+    constant = tmp_path / "constant"
+    assert main([*args, "--pc-field", "constant", "--out", str(constant)]) == 0
+    assert "pc_field" not in json.loads((constant / "summary.json").read_text())

@@ -170,3 +170,27 @@ def test_weak_distortion_modulates_only_weak_pixels(li_master, detector):
     weak = synthetic_map(li_master, detector, base).weak.ravel()
     assert np.median(distorted[weak]) > 5 * np.median(plain[weak])
     assert np.median(distorted[~weak]) == pytest.approx(np.median(plain[~weak]), rel=0.15)
+
+
+def test_a_drifting_map_has_the_pcs_of_kikuchipys_extrapolated_field():
+    """``pc_drift``: the PC of every pixel is kikuchipy's ``extrapolate_pc`` from the map
+    centre for the screen that gives PCx ±drift across the width, and each pattern is
+    the projection at its own PC (not at the detector's)."""
+    from dpm.master import simulate_master_pattern
+    from dpm.synthetic import camera_patterns, drift_field
+
+    master = simulate_master_pattern("li", kv=20, npx=60, method="kinematical")
+    det = Detector(shape=(20, 20), pc=(0.5, 0.3, 0.6), sample_tilt=70.0)
+    config = SyntheticConfig(map_shape=(5, 7), step_size=2.0, pc_drift=0.01, supersample=1,
+                             counts=1e6, blur=0.0, contrast=0.2, pore_fraction=0.0)
+    smap = synthetic_map(master, det, config)
+    screen = 2.0 * 6 / (2 * 0.01 * 20)          # µm per pattern pixel: step (nx - 1) / (2 drift Nx)
+    expected = replace(det, px_size=screen).to_kikuchipy().extrapolate_pc(
+        pc_indices=np.array([2, 3]), navigation_shape=(5, 7), step_sizes=(2.0, 2.0)).pc
+    np.testing.assert_allclose(smap.pcs, expected.reshape(-1, 3), atol=1e-12)
+    assert smap.pcs[:, 0].max() - smap.pcs[:, 0].min() == pytest.approx(0.02)
+    np.testing.assert_allclose(drift_field(det, (5, 7), 2.0, 0.01).at(3, 2), det.pc, atol=1e-15)
+    corner = (smap.patterns[0, 0] / smap.static_background).ravel()   # 1 + contrast x Kikuchi
+    own = camera_patterns(master, det, smap.quaternions[:1], 1, pcs=smap.pcs[:1]).ravel()
+    centre = camera_patterns(master, det, smap.quaternions[:1], 1).ravel()
+    assert np.corrcoef(corner, own)[0, 1] > 0.99 > np.corrcoef(corner, centre)[0, 1]

@@ -225,18 +225,22 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(config: dict[str, Any]) -> str:
-    """Serialise a nested dict of scalars and lists as TOML (None values are left out)."""
-    lines: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
-    for key, value in config.items():
+    """Serialise a nested dict of scalars and lists as TOML (None values are left out;
+    a dict within a table is the table ``[outer.inner]``)."""
+    return "\n".join(_toml_lines(config, "")) + "\n"
+
+
+def _toml_lines(table: dict[str, Any], name: str) -> list[str]:
+    lines = [f"\n[{name}]"] if name else []
+    nested = []
+    for key, value in table.items():
         if isinstance(value, dict):
-            tables.append((key, value))
+            nested.append((f"{name}.{key}" if name else key, value))
         elif value is not None:
             lines.append(f"{key} = {_toml_value(value)}")
-    for name, table in tables:
-        lines.append(f"\n[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
-    return "\n".join(lines) + "\n"
+    for sub, value in nested:
+        lines += _toml_lines(value, sub)
+    return lines
 
 
 def _file_map(xmap: Any, map_shape: tuple[int, int] | None,
