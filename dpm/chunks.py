@@ -248,6 +248,20 @@ class ChunkContext:
         rows, cols = np.mgrid[block[0]:block[1], block[2]:block[3]]
         return self.pc_field.at(cols.ravel(), rows.ravel())
 
+    def block_quality(self, block: tuple[int, int, int, int],
+                      rows: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(k,) band contrast and image quality of a block's preprocessed rows
+        (:func:`dpm.pipeline.pattern_quality_maps`); the band contrast the file stores
+        where it stores one."""
+        from dpm.pipeline import pattern_quality_maps
+
+        given = None
+        if self.file_band_contrast is not None:
+            r0, r1, c0, c1 = block
+            given = np.asarray(self.file_band_contrast).reshape(self.map_shape)[r0:r1, c0:c1]
+        return pattern_quality_maps(rows, self.det_used, self.mask_used, rows.shape[0],
+                                    band_contrast=given)
+
     def background_on(self, xp: ModuleType) -> Any:
         return None if self.background is None else xp.asarray(self.background)
 
@@ -419,12 +433,10 @@ def match_rows(context: ChunkContext, rows: Any, keep: int) -> Any:
 
 
 def _index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dict[str, Any]:
-    from dpm.pipeline import pattern_quality_maps
     from dpm.refine import refine
     from dpm.store import array_hash
 
     config = context.config
-    nx = context.map_shape[1]
     seconds: dict[str, float] = {}
     hashes: list[str] = []
     t = time.perf_counter()
@@ -432,12 +444,8 @@ def _index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dic
     seconds["preprocess"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    start, n = block[0] * nx + block[2], len(readable)
-    given = None
-    if context.file_band_contrast is not None:
-        given = np.asarray(context.file_band_contrast).ravel()[start:start + n]
-    bc, iq = pattern_quality_maps(rows, context.det_used, context.mask_used, n,
-                                  band_contrast=given)
+    n = len(readable)
+    bc, iq = context.block_quality(block, rows)
     seconds["band_contrast"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -463,9 +471,7 @@ def _index_chunk(context: ChunkContext, block: tuple[int, int, int, int]) -> dic
         seconds["refine"] = time.perf_counter() - t
     else:
         quaternions, scores = topk[:, 0], dict_scores[:, 0]
-        pcs = context.block_pcs(block)
-        if pcs is None:
-            pcs = np.tile(np.asarray(context.det_used.pc, dtype=np.float64), (n, 1))
+        pcs = np.tile(np.asarray(context.det_used.pc, dtype=np.float64), (n, 1))
         iterations = np.zeros(n, dtype=np.int32)
     return {"readable": readable, "band_contrast": bc, "pattern_quality": iq,
             "topk_indices": indices, "topk_scores": dict_scores, "quaternions": quaternions,

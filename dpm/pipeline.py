@@ -42,7 +42,7 @@ import numpy as np
 
 from dpm import backend
 from dpm.boundaries import BoundaryConfig
-from dpm.calibration import CalibrationConfig, PCFieldConfig
+from dpm.calibration import CalibrationConfig
 from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
 from dpm.grains import GrainConfig, Grid, check_grid
 from dpm.preprocess import PreprocessConfig
@@ -221,7 +221,6 @@ class IndexConfig:
         """Plain nested dict (for ``config.toml`` and ``summary.json``); a stage that is
         off (``zero_solutions=None``) is written as ``False``, which TOML can hold."""
         out = dataclasses.asdict(self)
-        out["calibration"]["grid"] = list(self.calibration.grid)
         for stage in NEEDS_REFINE:
             if getattr(self, stage) is None:
                 out[stage] = False
@@ -519,10 +518,7 @@ def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]],
     for block in _progress_iter(blocks, "pattern centre", progress):
         rows, ok = block_rows(context, block)
         start = block[0] * nx + block[2]
-        given = (None if context.file_band_contrast is None
-                 else np.asarray(context.file_band_contrast).ravel()[start:start + len(ok)])
-        bc[start:start + len(ok)] = pattern_quality_maps(
-            rows, context.det_used, context.mask_used, len(ok), band_contrast=given)[0]
+        bc[start:start + len(ok)] = context.block_quality(block, rows)[0]
         readable[start:start + len(ok)] = ok
     candidates = np.flatnonzero(readable)
     subset = np.sort(candidates[np.argsort(-bc[candidates], kind="stable")[:refinement.pc_subset]])
@@ -556,7 +552,8 @@ def _calibrate_pc_field(context, config: IndexConfig, step: float,
         ``"given PC kept"`` with the ``reason`` when the map has too few
         diffracting calibration patterns or the fit fails (warned).
     """
-    from dpm.calibration import calibrate_pattern_centre_field, calibration_windows
+    from dpm.calibration import (calibrate_pattern_centre_field, calibration_windows,
+                                 select_calibration_patterns)
     from dpm.chunks import block_rows, match_rows
 
     cal = config.calibration
@@ -568,15 +565,14 @@ def _calibrate_pc_field(context, config: IndexConfig, step: float,
     windows = calibration_windows((ny, nx), cal.grid, cal.window)
     for r0, r1, c0, c1 in _progress_iter(windows, "PC calibration", progress):
         rows, ok = block_rows(context, (r0, r1, c0, c1))
-        file_bc = (None if context.file_band_contrast is None else
-                   np.asarray(context.file_band_contrast).reshape(ny, nx)[r0:r1, c0:c1])
-        bc = pattern_quality_maps(rows, context.det_used, context.mask_used, len(ok),
-                                  band_contrast=file_bc)[0]
-        bc = np.where(ok & (bc > config.band_contrast_limit), bc, -np.inf)
-        if np.isfinite(bc).any():
-            best = int(np.argmax(bc))
-            picked_rows.append(rows[best:best + 1])
-            picked.append((r0 + best // (c1 - c0), c0 + best % (c1 - c0)))
+        bc = context.block_quality((r0, r1, c0, c1), rows)[0]
+        shape = (r1 - r0, c1 - c0)
+        best = select_calibration_patterns(bc.reshape(shape),
+                                           (ok & (bc > config.band_contrast_limit)).reshape(shape),
+                                           grid=(1, 1))
+        for r, c in zip(*best):    # the window's one calibration pattern, if it has one
+            picked_rows.append(rows[r * shape[1] + c:r * shape[1] + c + 1])
+            picked.append((r0 + int(r), c0 + int(c)))
     record["calibration_pixels"] = [list(p) for p in picked]
 
     def fallback(reason: str) -> dict[str, Any]:

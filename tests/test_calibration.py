@@ -167,6 +167,7 @@ def test_calibration_on_drifting_patterns_recovers_the_field():
 # --- the PC field in dpm.index ---------------------------------------------------------
 
 DRIFT = 0.01        # PCx ±0.01 from the map centre to its left and right edges
+DETECTOR_MAP = Detector(shape=(60, 60), pc=(0.49, 0.27, 0.58), sample_tilt=70.0)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +180,6 @@ def drifting_map():
     master = shipped_master_pattern("li", 20)
     config = SyntheticConfig(map_shape=(16, 24), seed=3, pc_drift=DRIFT)
     return master, synthetic_map(master, DETECTOR_MAP, config)
-
-
-DETECTOR_MAP = Detector(shape=(60, 60), pc=(0.49, 0.27, 0.58), sample_tilt=70.0)
 
 
 def _median_error(result, smap) -> float:
