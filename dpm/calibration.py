@@ -61,11 +61,18 @@ class PCFieldConfig:
         residuals; the fit is repeated without the outliers.
     max_passes
         Most fit-and-reject passes.
+    significance
+        :func:`calibrate_pattern_centre_field` keeps a gradient of the field
+        only when it lies at least this many standard errors from zero (the
+        sandwich covariance of :func:`dpm.refine.linear_pattern_centre_covariance`);
+        the others are set to zero and the rest refitted, so a map that does
+        not drift measurably gets a flat field. 0 keeps every gradient.
     """
 
     model: PCFieldModel = "constrained"
     outlier_limit: float = 4.0
     max_passes: int = 5
+    significance: float = 3.0
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -76,6 +83,9 @@ class PCFieldConfig:
         if isinstance(self.max_passes, bool) or not isinstance(self.max_passes, (int, np.integer)) \
                 or self.max_passes < 1:
             raise ValueError(f"max_passes must be a positive integer, got {self.max_passes!r}")
+        if not np.isfinite(self.significance) or self.significance < 0:
+            raise ValueError(f"significance must be a number of standard errors >= 0, got "
+                             f"{self.significance!r}")
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,11 @@ class PCFieldFit:
         Calibration patterns the final fit used.
     rms : (3,) float array
         Root-mean-square residual of each component over the inliers.
+    gradient_z : float array or None
+        From :func:`calibrate_pattern_centre_field`: each gradient parameter of
+        the joint fit (``"constrained"``: d PCx / dx, d PCy / dy; ``"plane"``:
+        the three d / dx, then the three d / dy) over its standard error;
+        those below ``PCFieldConfig.significance`` were set to zero.
     """
 
     field: PatternCentreField
@@ -180,6 +195,7 @@ class PCFieldFit:
     residuals: np.ndarray
     inliers: np.ndarray
     rms: np.ndarray
+    gradient_z: np.ndarray | None = None
 
 
 def tilt_slope(sample_tilt: float, detector_tilt: float = 0.0) -> float:
@@ -414,8 +430,8 @@ def calibrate_pattern_centre_field(patterns: Any, starts: np.ndarray, x: np.ndar
     from dataclasses import replace
 
     from dpm import backend
-    from dpm.refine import (RefineConfig, RefinementMaster, fit_linear_pattern_centres, refine,
-                            refinement_master)
+    from dpm.refine import (RefineConfig, RefinementMaster, fit_linear_pattern_centres,
+                            linear_pattern_centre_covariance, refine, refinement_master)
 
     refine_config = RefineConfig() if refine_config is None else refine_config
     rmaster = master if isinstance(master, RefinementMaster) else refinement_master(master,
@@ -429,21 +445,40 @@ def calibrate_pattern_centre_field(patterns: Any, starts: np.ndarray, x: np.ndar
     # Each pattern's own PC is noisy (~0.003 at NCC 0.45 on 60 x 60 px); the field's few
     # parameters are refined on the inliers' NCCs jointly, from the fitted field.
     keep = np.flatnonzero(first.inliers)
-    field = first.field
-    jacobian = field_jacobian(x[keep], y[keep], field.centre, config.model,
-                              tilt_slope(detector.sample_tilt, detector.tilt))
+    xk, yk = x[keep], y[keep]
+    slope = tilt_slope(detector.sample_tilt, detector.tilt)
+    jacobian = field_jacobian(xk, yk, first.field.centre, config.model, slope)
     xp = backend.namespace(patterns)
-    theta, _, _ = fit_linear_pattern_centres(
-        patterns[xp.asarray(keep)], rmaster, detector,
-        result.quaternions[keep], jacobian, base=field.at(x[keep], y[keep]), mask=mask,
-        config=refine_config)
-    field = PatternCentreField(field.centre, field.pc + theta[:3],
-                               field.gradient + _gradient_of(theta, config.model,
-                                                             tilt_slope(detector.sample_tilt,
-                                                                        detector.tilt)))
+    rows = patterns[xp.asarray(keep)]
+
+    def joint(base: PatternCentreField, start: np.ndarray,
+              columns: np.ndarray) -> tuple[PatternCentreField, np.ndarray]:
+        """The field refined from ``base`` in the parameters ``columns``, and orientations."""
+        theta, q, _ = fit_linear_pattern_centres(
+            rows, rmaster, detector, start, jacobian[:, :, columns],
+            base=base.at(xk, yk), mask=mask, config=refine_config)
+        full = np.zeros(jacobian.shape[2])
+        full[columns] = theta
+        return PatternCentreField(base.centre, base.pc + full[:3],
+                                  base.gradient + _gradient_of(full, config.model, slope)), q
+
+    field, q = joint(first.field, result.quaternions[keep], np.arange(jacobian.shape[2]))
+    gradient_z = None
+    if jacobian.shape[2] > 3:
+        covariance = linear_pattern_centre_covariance(rows, rmaster, detector, q,
+                                                      field.at(xk, yk), jacobian, mask=mask)
+        params = _gradient_params(field.gradient, config.model)
+        gradient_z = np.abs(params) / np.sqrt(np.maximum(np.diag(covariance)[3:], 1e-300))
+        weak = gradient_z < config.significance
+        if weak.any():     # not measurably different from no drift: zero, refit the rest
+            zeroed = np.concatenate([np.zeros(3), np.where(weak, -params, 0.0)])
+            flatter = PatternCentreField(field.centre, field.pc,
+                                         field.gradient + _gradient_of(zeroed, config.model, slope))
+            field, _ = joint(flatter, q,
+                             np.concatenate([np.arange(3), 3 + np.flatnonzero(~weak)]))
     residuals = result.pcs - field.at(x, y)
     rms = np.sqrt((residuals[first.inliers] ** 2).mean(axis=0))
-    return PCFieldFit(field, config.model, residuals, first.inliers, rms)
+    return PCFieldFit(field, config.model, residuals, first.inliers, rms, gradient_z)
 
 
 def field_jacobian(x: np.ndarray, y: np.ndarray, centre: np.ndarray, model: str,
@@ -473,6 +508,16 @@ def field_jacobian(x: np.ndarray, y: np.ndarray, centre: np.ndarray, model: str,
         jac[:, c, 3 + c] = dx
         jac[:, c, 6 + c] = dy
     return jac
+
+
+def _gradient_params(gradient: np.ndarray, model: str) -> np.ndarray:
+    """The gradient parameters of :func:`field_jacobian` (after the PC) of a (3, 2) gradient;
+    the inverse of :func:`_gradient_of`."""
+    if model == "constrained":
+        return np.array([gradient[0, 0], gradient[1, 1]])
+    if model == "plane":
+        return np.concatenate([gradient[:, 0], gradient[:, 1]])
+    return np.zeros(0)
 
 
 def _gradient_of(theta: np.ndarray, model: str, slope: float) -> np.ndarray:

@@ -602,11 +602,13 @@ def _calibrate_pc_field(context, config: IndexConfig, step: float,
                         f"with one field; at least {cal.min_patterns} are needed")
     record |= _field_record(fit.field, (ny, nx), step) | {
         "status": "fitted", "inliers": [bool(v) for v in fit.inliers],
-        "residuals_rms": [float(v) for v in fit.rms]}
+        "residuals_rms": [float(v) for v in fit.rms],
+        "gradient_z": None if fit.gradient_z is None else [float(v) for v in fit.gradient_z]}
     log.info("PC field (%s, %d of %d calibration patterns): (%.4f, %.4f, %.4f) at the map "
-             "centre, spread (%.4f, %.4f, %.4f), residual rms (%.4f, %.4f, %.4f)",
-             cal.field.model, int(fit.inliers.sum()), len(picked), *record["pc_at_map_centre"],
-             *record["spread"], *record["residuals_rms"])
+             "centre, spread (%.4f, %.4f, %.4f), residual rms (%.4f, %.4f, %.4f), gradients "
+             "%s standard errors from zero", cal.field.model, int(fit.inliers.sum()),
+             len(picked), *record["pc_at_map_centre"], *record["spread"],
+             *record["residuals_rms"], record["gradient_z"])
     return record
 
 

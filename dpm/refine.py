@@ -848,20 +848,10 @@ def fit_linear_pattern_centres(patterns: Any, rmaster: RefinementMaster, detecto
     total = float(backend.to_host(ncc.sum()))
     radius, pc_radius, lam = math.radians(config.trust_radius), config.pc_trust_radius, 1e-3
     tol = math.radians(config.tolerance)
-    eye3, eye_k = xp.eye(3), xp.eye(k)
-    jac_t = xp.swapaxes(jac, 1, 2)
+    eye_k = xp.eye(k)
     for _ in range(config.max_iterations):
-        h_oo = hess[:, :3, :3]
-        h_op = xp.matmul(hess[:, :3, 3:], jac)                 # (n, 3, k)
-        h_pp = xp.matmul(jac_t, xp.matmul(hess[:, 3:, 3:], jac))
-        g_p = xp.matmul(jac_t, grad[:, 3:, None])[..., 0]     # (n, k)
-        d_oo = xp.diagonal(h_oo, axis1=1, axis2=2)
-        a = h_oo + (lam * xp.maximum(d_oo, 1e-30))[:, :, None] * eye3[None]
-        a_inv = xp.linalg.inv(a)
-        a_inv_op = xp.matmul(a_inv, h_op)                      # (n, 3, k)
-        a_inv_go = xp.matmul(a_inv, grad[:, :3, None])[..., 0]  # (n, 3)
-        schur = (h_pp - xp.matmul(xp.swapaxes(h_op, 1, 2), a_inv_op)).sum(axis=0)
-        rhs = (g_p - xp.matmul(xp.swapaxes(h_op, 1, 2), a_inv_go[..., None])[..., 0]).sum(axis=0)
+        schur, rhs, a_inv_op, a_inv_go = _profiled_terms(xp, grad, hess, jac, lam)
+        schur, rhs = schur.sum(axis=0), rhs.sum(axis=0)
         schur = schur + lam * xp.diagonal(schur) * eye_k + 1e-300 * eye_k
         dt = xp.linalg.solve(schur, rhs[:, None])[:, 0]
         moves = xp.matmul(jac, dt[:, None])[..., 0]             # (n, 3) PC changes
@@ -889,6 +879,75 @@ def fit_linear_pattern_centres(patterns: Any, rmaster: RefinementMaster, detecto
             if pc_radius < config.pc_tolerance and radius < tol:
                 break
     return backend.to_host(theta), backend.to_host(q), total / n
+
+
+def _profiled_terms(xp: ModuleType, grad: Any, hess: Any, jac: Any,
+                    lam: float) -> tuple[Any, Any, Any, Any]:
+    """Each pattern's NCC terms in shared PC parameters with its orientation eliminated.
+
+    With the orientation block ``A = H_oo`` (damped by ``lam`` on its diagonal),
+    ``H_op = H_o,pc J`` and ``H_pp = Jᵀ H_pc,pc J``: per pattern, the Schur
+    complement ``H_pp − H_opᵀ A⁻¹ H_op`` (n, k, k), the profiled gradient
+    ``Jᵀ g_pc − H_opᵀ A⁻¹ g_o`` (n, k), ``A⁻¹ H_op`` (n, 3, k) and ``A⁻¹ g_o``
+    (n, 3) for the back-substitution of the orientation steps.
+    """
+    jac_t = xp.swapaxes(jac, 1, 2)
+    h_oo = hess[:, :3, :3]
+    h_op = xp.matmul(hess[:, :3, 3:], jac)                     # (n, 3, k)
+    h_po = xp.swapaxes(h_op, 1, 2)
+    h_pp = xp.matmul(jac_t, xp.matmul(hess[:, 3:, 3:], jac))
+    g_p = xp.matmul(jac_t, grad[:, 3:, None])[..., 0]         # (n, k)
+    d_oo = xp.diagonal(h_oo, axis1=1, axis2=2)
+    a = h_oo + (lam * xp.maximum(d_oo, 1e-30))[:, :, None] * xp.eye(3)[None]
+    a_inv = xp.linalg.inv(a)
+    a_inv_op = xp.matmul(a_inv, h_op)
+    a_inv_go = xp.matmul(a_inv, grad[:, :3, None])[..., 0]
+    schur = h_pp - xp.matmul(h_po, a_inv_op)
+    rhs = g_p - xp.matmul(h_po, a_inv_go[..., None])[..., 0]
+    return schur, rhs, a_inv_op, a_inv_go
+
+
+def linear_pattern_centre_covariance(patterns: Any, rmaster: RefinementMaster,
+                                     detector: Detector, quaternions: Any, pcs: np.ndarray,
+                                     jacobian: np.ndarray, *,
+                                     mask: np.ndarray | None = None) -> np.ndarray:
+    """Covariance of the shared PC parameters of :func:`fit_linear_pattern_centres` at its fit.
+
+    The sandwich (cluster-robust) estimate ``S⁻¹ (Σ uᵢ uᵢᵀ) S⁻¹ · n / (n − k)``, with
+    ``S`` the summed Schur complement of the NCC's Gauss–Newton matrix (orientations
+    eliminated) and ``uᵢ`` each pattern's profiled gradient: how much the fitted
+    parameters would scatter between sets of calibration patterns, whatever the noise.
+
+    Parameters
+    ----------
+    patterns, rmaster, detector, mask
+        As :func:`fit_linear_pattern_centres`.
+    quaternions : (n, 4) array
+        The orientations it returned.
+    pcs : (n, 3) float array
+        Each pattern's PC at the fit.
+    jacobian : (n, 3, k) float array
+        ``d PC_i / d theta``.
+
+    Returns
+    -------
+    (k, k) float64 array
+    """
+    det = as_detector(detector)
+    problem = _problem(patterns, rmaster, det, mask)
+    xp = problem.xp
+    n = int(patterns.shape[0])
+    k = int(np.shape(jacobian)[2])
+    if n <= k:
+        raise ValueError(f"{n} patterns cannot give the covariance of {k} parameters")
+    q = xp.asarray(backend.to_host(quaternions), dtype=xp.float64).reshape(n, 4)
+    _, grad, hess = correlation_terms(
+        problem.sums(xp.arange(n, dtype=xp.int32), q,
+                     xp.asarray(np.ascontiguousarray(pcs, dtype=np.float64))), problem.npix)
+    schur, u, _, _ = _profiled_terms(xp, grad, hess, xp.asarray(jacobian, dtype=xp.float64), 0.0)
+    s_inv = np.linalg.pinv(backend.to_host(schur.sum(axis=0)))
+    u = backend.to_host(u)
+    return s_inv @ (u.T @ u) @ s_inv * (n / (n - k))
 
 
 def _refine_candidates(problem: _Problem, item_pattern: Any, q0: Any, pcs: Any,

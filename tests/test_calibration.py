@@ -212,6 +212,7 @@ def test_index_calibrates_the_pc_field_of_a_drifting_map(drifting_map):
     record = runs["field"].details["pc_field"]
     assert record["status"] == "fitted" and record["model"] == "constrained"
     assert len(record["calibration_pixels"]) == 64
+    assert min(record["gradient_z"]) > 3        # a real drift: both gradients kept
     field = _field_of(record)
     y, x = np.indices((ny, nx))
     error = np.abs(field.at(x, y).reshape(-1, 3) - smap.pcs).max()
@@ -258,3 +259,58 @@ def test_calibration_windows_sit_at_the_cell_centres():
     assert blocks[0] == (0, 2, 0, 3) and blocks[-1] == (14, 16, 21, 24)
     # cells never exceed the map: one column, two row bands (edges 0, 2, 5)
     assert calibration_windows((5, 1), (2, 3), 3) == [(0, 2, 0, 1), (2, 5, 0, 1)]
+
+
+def test_a_map_without_drift_gets_a_flat_field():
+    """No drift: neither gradient is measurably different from zero, so the field is flat
+    (the PC at the map centre refined on the calibration patterns)."""
+    from dpm.master.shipped import shipped_master_pattern
+    from dpm.pipeline import IndexConfig, index
+    from dpm.synthetic import SyntheticConfig, synthetic_map
+
+    master = shipped_master_pattern("li", 20)
+    smap = synthetic_map(master, DETECTOR_MAP, SyntheticConfig(map_shape=(16, 24), seed=3))
+    result = index(smap.patterns, detector=DETECTOR_MAP, master_pattern=master,
+                   config=IndexConfig(resolution=3.0))
+    record = result.details["pc_field"]
+    assert record["status"] == "fitted" and max(record["gradient_z"]) < 3
+    assert max(record["spread"]) <= 5e-4
+    assert np.abs(np.subtract(record["pc_at_map_centre"], DETECTOR_MAP.pc)).max() < 3e-3
+
+
+def test_gradient_standard_errors_match_their_scatter_over_noise():
+    """The sandwich standard errors of the field's gradients predict how much the fitted
+    gradients scatter between independent sets of noisy calibration patterns."""
+    from dataclasses import replace
+
+    from orix.quaternion import Rotation
+
+    from dpm.master.shipped import shipped_master_pattern
+    from dpm.match import prepare_patterns
+    from dpm.refine import refinement_master
+    from dpm.synthetic import camera_patterns, random_quaternions
+
+    truth = pattern_centre_field(DETECTOR, centre=(14.5, 9.5), step=STEP)
+    rmaster = refinement_master(shipped_master_pattern("li", 20), DETECTOR)
+    x, y, _ = _calibration(truth, (0.0, 0.0, 0.0))
+    centre = replace(DETECTOR, pc=tuple(truth.at(np.array(14.5), np.array(9.5))))
+    slopes, errors = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(100 + seed)
+        q = random_quaternions(len(x), rng)
+        images = np.concatenate([
+            camera_patterns(rmaster.master, replace(DETECTOR, pc=tuple(pc)), qi[None],
+                            supersample=1).reshape(1, -1)
+            for qi, pc in zip(q, truth.at(x, y))])
+        noisy = rng.poisson(300 * (1 + images - images.min(axis=1, keepdims=True)))
+        patterns, _ = prepare_patterns(noisy.astype(np.float32))
+        turn = Rotation.from_axes_angles(rng.normal(size=(len(x), 3)), 1.0, degrees=True)
+        fit = calibrate_pattern_centre_field(patterns, (turn * Rotation(q)).data, x, y,
+                                             rmaster, centre,
+                                             config=PCFieldConfig(significance=0.0))
+        params = np.array([fit.field.gradient[0, 0], fit.field.gradient[1, 1]])
+        slopes.append(params)
+        errors.append(np.abs(params) / fit.gradient_z)
+    scatter = np.std(slopes, axis=0, ddof=1)
+    predicted = np.median(errors, axis=0)     # measured ratios 0.86 and 1.13
+    assert np.all((0.5 < scatter / predicted) & (scatter / predicted < 2.0)), (scatter, predicted)
