@@ -45,6 +45,11 @@ MODELS: tuple[str, ...] = ("constrained", "plane", "constant")
 _RESIDUAL_FLOOR = 1e-6
 
 
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class PCFieldConfig:
     """How a PC field is fitted.
@@ -80,9 +85,7 @@ class PCFieldConfig:
         if not np.isfinite(self.outlier_limit) or self.outlier_limit <= 0:
             raise ValueError(f"outlier_limit must be a positive number of standard "
                              f"deviations, got {self.outlier_limit!r}")
-        if isinstance(self.max_passes, bool) or not isinstance(self.max_passes, (int, np.integer)) \
-                or self.max_passes < 1:
-            raise ValueError(f"max_passes must be a positive integer, got {self.max_passes!r}")
+        _check_positive_int("max_passes", self.max_passes)
         if not np.isfinite(self.significance) or self.significance < 0:
             raise ValueError(f"significance must be a number of standard errors >= 0, got "
                              f"{self.significance!r}")
@@ -128,9 +131,7 @@ class CalibrationConfig:
         if len(self.grid) != 2 or min(self.grid) < 1:
             raise ValueError(f"calibration grid must be two positive cell counts, got {self.grid}")
         for name in ("window", "min_patterns"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"calibration {name} must be a positive integer, got {value!r}")
+            _check_positive_int(f"calibration {name}", getattr(self, name))
         if not self.dictionary_tolerance >= 0:
             raise ValueError(f"dictionary_tolerance must be >= 0 PC units, got "
                              f"{self.dictionary_tolerance!r}")

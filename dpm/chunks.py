@@ -248,6 +248,13 @@ class ChunkContext:
         rows, cols = np.mgrid[block[0]:block[1], block[2]:block[3]]
         return self.pc_field.at(cols.ravel(), rows.ravel())
 
+    def block_file_band_contrast(self, block: tuple[int, int, int, int]) -> np.ndarray | None:
+        """(k,) band contrast the file stores for a block's pixels (row-major), or None."""
+        if self.file_band_contrast is None:
+            return None
+        r0, r1, c0, c1 = block
+        return np.asarray(self.file_band_contrast).reshape(self.map_shape)[r0:r1, c0:c1].ravel()
+
     def block_quality(self, block: tuple[int, int, int, int],
                       rows: Any) -> tuple[np.ndarray, np.ndarray]:
         """(k,) band contrast and image quality of a block's preprocessed rows
@@ -255,12 +262,8 @@ class ChunkContext:
         where it stores one."""
         from dpm.pipeline import pattern_quality_maps
 
-        given = None
-        if self.file_band_contrast is not None:
-            r0, r1, c0, c1 = block
-            given = np.asarray(self.file_band_contrast).reshape(self.map_shape)[r0:r1, c0:c1]
         return pattern_quality_maps(rows, self.det_used, self.mask_used, rows.shape[0],
-                                    band_contrast=given)
+                                    band_contrast=self.block_file_band_contrast(block))
 
     def background_on(self, xp: ModuleType) -> Any:
         return None if self.background is None else xp.asarray(self.background)

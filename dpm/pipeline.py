@@ -561,18 +561,32 @@ def _calibrate_pc_field(context, config: IndexConfig, step: float,
     given = [float(v) for v in context.det_used.pc]
     record: dict[str, Any] = {"model": cal.field.model, "given_pc": given,
                               "grid": list(cal.grid), "window": cal.window}
-    picked_rows, picked = [], []
     windows = calibration_windows((ny, nx), cal.grid, cal.window)
-    for r0, r1, c0, c1 in _progress_iter(windows, "PC calibration", progress):
-        rows, ok = block_rows(context, (r0, r1, c0, c1))
-        bc = context.block_quality((r0, r1, c0, c1), rows)[0]
+    window_rows, window_ok = [], []
+    for block in _progress_iter(windows, "PC calibration", progress):
+        rows, ok = block_rows(context, block)
+        window_rows.append(rows)
+        window_ok.append(ok)
+    # One band-contrast call for all windows: its line-contrast product reads the whole
+    # operator once per call, whatever the number of patterns.
+    file_bc = [context.block_file_band_contrast(block) for block in windows]
+    all_rows = context.xp.concatenate(window_rows)
+    bc_all = pattern_quality_maps(all_rows, context.det_used, context.mask_used, len(all_rows),
+                                  band_contrast=None if file_bc[0] is None
+                                  else np.concatenate(file_bc))[0]
+    picked_rows, picked = [], []
+    offset = 0
+    for (r0, r1, c0, c1), ok in zip(windows, window_ok):
         shape = (r1 - r0, c1 - c0)
+        bc = bc_all[offset:offset + len(ok)]
         best = select_calibration_patterns(bc.reshape(shape),
                                            (ok & (bc > config.band_contrast_limit)).reshape(shape),
                                            grid=(1, 1))
         for r, c in zip(*best):    # the window's one calibration pattern, if it has one
-            picked_rows.append(rows[r * shape[1] + c:r * shape[1] + c + 1])
+            i = offset + int(r) * shape[1] + int(c)
+            picked_rows.append(all_rows[i:i + 1])
             picked.append((r0 + int(r), c0 + int(c)))
+        offset += len(ok)
     record["calibration_pixels"] = [list(p) for p in picked]
 
     def fallback(reason: str) -> dict[str, Any]:

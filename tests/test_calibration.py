@@ -314,3 +314,33 @@ def test_gradient_standard_errors_match_their_scatter_over_noise():
     scatter = np.std(slopes, axis=0, ddof=1)
     predicted = np.median(errors, axis=0)     # measured ratios 0.86 and 1.13
     assert np.all((0.5 < scatter / predicted) & (scatter / predicted < 2.0)), (scatter, predicted)
+
+
+def test_calibration_takes_the_band_contrast_the_file_stores():
+    """With band contrast in the file (as Oxford's), the calibration patterns are the
+    pixels the file says diffract best, one per window, and the map keeps the file's
+    band contrast."""
+    from dataclasses import replace
+
+    from dpm.calibration import calibration_windows
+    from dpm.io.readers import as_pattern_stack
+    from dpm.master import simulate_master_pattern
+    from dpm.pipeline import IndexConfig, index
+    from dpm.synthetic import SyntheticConfig, synthetic_map
+
+    master = simulate_master_pattern("li", kv=20, npx=80, method="kinematical")
+    detector = Detector(shape=(30, 30), pc=(0.5, 0.3, 0.6), sample_tilt=70)
+    smap = synthetic_map(master, detector, SyntheticConfig(map_shape=(8, 12), supersample=1,
+                                                           pore_fraction=0.0, seed=2))
+    stored = np.full((8, 12), 5.0, dtype=np.float32)      # "does not diffract" ...
+    expected = []
+    for k, (r0, r1, c0, c1) in enumerate(calibration_windows((8, 12), (4, 4), 2)):
+        r, c = r0 + k % (r1 - r0), c0 + (k // 2) % (c1 - c0)   # ... but one pixel per window
+        stored[r, c] = 100.0 + k
+        expected.append([r, c])
+    stack = replace(as_pattern_stack(smap.patterns), band_contrast=stored)
+    config = IndexConfig(resolution=10.0, calibration=replace(IndexConfig().calibration,
+                                                              grid=(4, 4), window=2))
+    result = index(stack, detector=detector, master_pattern=master, config=config)
+    assert result.details["pc_field"]["calibration_pixels"] == expected
+    np.testing.assert_array_equal(result.band_contrast, stored)
