@@ -88,7 +88,8 @@ class RefineData:
 def disorientation_stats(q: np.ndarray, truth: np.ndarray, point_group,
                          mask: np.ndarray | None = None) -> dict[str, float]:
     """Mean, median, 95th percentile and max disorientation in degrees over ``mask``,
-    and how many pixels are off by more than 5° (wrong dictionary matches)."""
+    how many pixels are off by more than 5° (wrong dictionary matches), the fraction
+    within 2° and the mean over those."""
     from orix.quaternion import Orientation
 
     q = np.asarray(q, dtype=np.float64).reshape(-1, 4)
@@ -97,22 +98,35 @@ def disorientation_stats(q: np.ndarray, truth: np.ndarray, point_group,
         q, truth = q[mask], truth[mask]
     angles = np.asarray(Orientation(q, symmetry=point_group).angle_with(
         Orientation(truth, symmetry=point_group), degrees=True))
+    close = angles <= 2.0
     return {"mean_deg": float(angles.mean()), "median_deg": float(np.median(angles)),
             "p95_deg": float(np.percentile(angles, 95)), "max_deg": float(angles.max()),
-            "over_5deg": int((angles > 5).sum())}
+            "over_5deg": int((angles > 5).sum()), "within_2deg": float(close.mean()),
+            "mean_within_2deg": float(angles[close].mean()) if close.any() else float("nan")}
 
 
-def build_refine_data(map_shape: tuple[int, int] = MAP_SHAPE, seed: int = SEED) -> RefineData:
-    """Draw the synthetic Li map and index it with the default ``dpm.index``."""
+def li_map(map_shape: tuple[int, int], seed: int,
+           pc_drift: float = 0.0) -> tuple[MasterPattern, Detector, SyntheticMap]:
+    """The benches' synthetic Li map: the shipped 20 kV dynamical master pattern, the
+    detector of ``PC`` (60 x 60 px) and :func:`dpm.synthetic.synthetic_map` with its
+    default noise, blur and pores (and ``pc_drift``)."""
     from dpm.master.shipped import shipped_master_pattern
-    from dpm.pipeline import IndexConfig, index
 
     master = shipped_master_pattern("li", KV)
     if master is None:
         raise RuntimeError("the shipped Li 20 kV master pattern is missing")
     detector = Detector(shape=DETECTOR_SHAPE, pc=PC)
+    smap = synthetic_map(master, detector, SyntheticConfig(map_shape=map_shape, seed=seed,
+                                                           pc_drift=pc_drift))
+    return master, detector, smap
+
+
+def build_refine_data(map_shape: tuple[int, int] = MAP_SHAPE, seed: int = SEED) -> RefineData:
+    """Draw the synthetic Li map and index it with the default ``dpm.index``."""
+    from dpm.pipeline import IndexConfig, index
+
     t = time.perf_counter()
-    smap = synthetic_map(master, detector, SyntheticConfig(map_shape=map_shape, seed=seed))
+    master, detector, smap = li_map(map_shape, seed)
     t_synthetic = time.perf_counter() - t
     t = time.perf_counter()
     result = index(smap.patterns, detector=detector, master_pattern=master,
@@ -142,6 +156,74 @@ def background_corrected(patterns: np.ndarray) -> np.ndarray:
     background = mean_pattern([flat])
     out = remove_static_background(flat.astype(np.float32), background, "subtract")
     return np.asarray(out, dtype=np.float32).reshape(patterns.shape)
+
+
+def kikuchipy_index(master: MasterPattern, detector: Detector, smap: SyntheticMap,
+                    resolution: float, folder: str | Path) -> tuple[Any, dict[str, float], int]:
+    """kikuchipy's dictionary indexing and refinement of a synthetic map, timed by stage.
+
+    The same master pattern (through an EMsoft file in ``folder``), detector (one PC)
+    and static-background correction as dpm: ``get_sample_fundamental`` (cubochoric,
+    ``resolution`` degrees), ``EBSDMasterPattern.get_patterns`` (the whole dictionary
+    in memory), ``EBSD.dictionary_indexing`` (NCC, top 1) and
+    ``EBSD.refine_orientation`` (its default, SciPy Nelder–Mead).
+
+    Returns
+    -------
+    refined
+        orix ``CrystalMap`` of the refined orientations.
+    stages
+        Wall seconds of ``preprocess``, ``sampling``, ``dictionary``, ``matching``,
+        ``refinement`` and ``total``.
+    size
+        Dictionary orientations.
+    """
+    import contextlib
+    import io
+
+    import kikuchipy as kp
+    from orix.crystal_map import CrystalMap
+    from orix.quaternion import Rotation
+    from orix.sampling import get_sample_fundamental
+
+    from dpm.io.emsoft import write_master_pattern
+
+    path = write_master_pattern(master, Path(folder) / "master_pattern.h5")
+    mp = kp.load(path, projection="lambert", hemisphere="both", energy=master.energy)
+    kp_detector = detector.to_kikuchipy()
+    stages: dict[str, float] = {}
+
+    def timed(name, call):
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            out = call()
+        stages[name] = time.perf_counter() - t
+        return out
+
+    def best_match(xmap):
+        """The (n, 1) rotations of ``dictionary_indexing(keep_n=1)`` as one per point,
+        which ``refine_orientation`` takes."""
+        best = xmap.rotations.data.reshape(xmap.size, -1, 4)[:, 0]
+        scores = np.asarray(xmap.prop["scores"]).reshape(xmap.size, -1)[:, 0]
+        return CrystalMap(rotations=Rotation(best), phase_id=xmap.phase_id, x=xmap.x,
+                          y=xmap.y, phase_list=xmap.phases, prop={"scores": scores},
+                          scan_unit=xmap.scan_unit)
+
+    t0 = time.perf_counter()
+    signal = timed("preprocess", lambda: kp.signals.EBSD(background_corrected(smap.patterns)))
+    for axis, name in zip(signal.axes_manager.navigation_axes, ("x", "y")):  # x first
+        axis.name, axis.scale, axis.units = name, smap.step_size, "um"
+    rotations = timed("sampling", lambda: get_sample_fundamental(
+        resolution=resolution, point_group=mp.phase.point_group, method="cubochoric"))
+    dictionary = timed("dictionary", lambda: mp.get_patterns(
+        rotations, kp_detector, energy=master.energy, dtype_out=np.float32, compute=True,
+        show_progressbar=False))
+    xmap = timed("matching", lambda: best_match(signal.dictionary_indexing(dictionary,
+                                                                            keep_n=1)))
+    refined = timed("refinement", lambda: signal.refine_orientation(
+        xmap, kp_detector, mp, energy=master.energy, compute=True))
+    stages["total"] = time.perf_counter() - t0
+    return refined, stages, rotations.size
 
 
 @dataclass(frozen=True, eq=False)

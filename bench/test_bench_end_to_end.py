@@ -31,18 +31,13 @@ diffracting pixels.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import time
 from typing import Any
 
 import numpy as np
 import pytest
-from refine_data import KV, PC, background_corrected
+from refine_data import KV, disorientation_stats, kikuchipy_index, li_map
 
-from dpm.detector import Detector
-from dpm.synthetic import SyntheticConfig, synthetic_map
 
 MAP_SHAPE = (40, 60)
 RESOLUTION = 2.0
@@ -51,35 +46,13 @@ MEASURED: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def bench_map():
-    from dpm.master.shipped import shipped_master_pattern
-
-    master = shipped_master_pattern("li", KV)
-    detector = Detector(shape=(60, 60), pc=PC)
-    smap = synthetic_map(master, detector, SyntheticConfig(map_shape=MAP_SHAPE, seed=42))
-    return master, detector, smap
+    return li_map(MAP_SHAPE, 42)
 
 
 def _accuracy(quaternions: np.ndarray, smap, point_group) -> dict[str, float]:
     """Disorientation to the truth over the diffracting pixels (one rotation per pixel)."""
-    from dpm.demo import disorientation
-
-    diffracting = smap.diffracting.ravel()
-    angles = disorientation(np.asarray(quaternions).reshape(-1, 4)[diffracting],
-                            smap.quaternions[diffracting], point_group)
-    return {"mean_deg": float(angles.mean()), "median_deg": float(np.median(angles)),
-            "within_2deg": float((angles <= 2.0).mean())}
-
-
-def _best_match(xmap):
-    """The (n, 1) rotations of ``dictionary_indexing(keep_n=1)`` as one per point, which
-    ``refine_orientation`` takes."""
-    from orix.crystal_map import CrystalMap
-    from orix.quaternion import Rotation
-
-    best = xmap.rotations.data.reshape(xmap.size, -1, 4)[:, 0]
-    scores = np.asarray(xmap.prop["scores"]).reshape(xmap.size, -1)[:, 0]
-    return CrystalMap(rotations=Rotation(best), phase_id=xmap.phase_id, x=xmap.x, y=xmap.y,
-                      phase_list=xmap.phases, prop={"scores": scores}, scan_unit=xmap.scan_unit)
+    return disorientation_stats(quaternions, smap.quaternions, point_group,
+                                smap.diffracting.ravel())
 
 
 def _report(name: str, stages: dict[str, float], accuracy: dict[str, float], n: int) -> None:
@@ -184,41 +157,11 @@ def _agreement(label: str, run: str, bench_map) -> None:
 
 def test_bench_end_to_end_kikuchipy(benchmark, bench_map, tmp_path):
     import kikuchipy as kp
-    from orix.sampling import get_sample_fundamental
-
-    from dpm.io.emsoft import write_master_pattern
 
     master, detector, smap = bench_map
-    path = write_master_pattern(master, tmp_path / "li_20kv.h5")
-    mp = kp.load(path, projection="lambert", hemisphere="both", energy=KV)
-    kp_detector = detector.to_kikuchipy()
-    stages: dict[str, float] = {}
-
-    def timed(name, call):
-        t = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            out = call()
-        stages[name] = time.perf_counter() - t
-        return out
-
-    def run():
-        t0 = time.perf_counter()
-        signal = timed("preprocess", lambda: kp.signals.EBSD(background_corrected(smap.patterns)))
-        for axis, name in zip(signal.axes_manager.navigation_axes, ("x", "y")):  # x first
-            axis.name, axis.scale, axis.units = name, smap.step_size, "um"
-        rotations = timed("sampling", lambda: get_sample_fundamental(
-            resolution=RESOLUTION, point_group=mp.phase.point_group, method="cubochoric"))
-        dictionary = timed("dictionary", lambda: mp.get_patterns(
-            rotations, kp_detector, energy=KV, dtype_out=np.float32, compute=True,
-            show_progressbar=False))
-        xmap = timed("matching", lambda: _best_match(signal.dictionary_indexing(dictionary,
-                                                                                keep_n=1)))
-        refined = timed("refinement", lambda: signal.refine_orientation(
-            xmap, kp_detector, mp, energy=KV, compute=True))
-        stages["total"] = time.perf_counter() - t0
-        return refined, rotations.size
-
-    refined, size = benchmark.pedantic(run, rounds=1, iterations=1)
+    refined, stages, size = benchmark.pedantic(
+        lambda: kikuchipy_index(master, detector, smap, RESOLUTION, tmp_path), rounds=1,
+        iterations=1)
     accuracy = _accuracy(refined.rotations.data, smap, master.phase.point_group)
     MEASURED["kikuchipy"] = {"stages": stages, "accuracy": accuracy}
     benchmark.extra_info.update(stages=stages, accuracy=accuracy, dictionary_size=size,
