@@ -529,3 +529,197 @@ def _gradient_of(theta: np.ndarray, model: str, slope: float) -> np.ndarray:
     elif model == "plane":
         gradient[:, 0], gradient[:, 1] = theta[3:6], theta[6:9]
     return gradient
+
+
+@dataclass(frozen=True)
+class PCSearchConfig:
+    """How a map's PC is found when none is known (:func:`search_pattern_centre`).
+
+    Attributes
+    ----------
+    centre
+        Centre of the search box, Bruker PC. The default, the screen centre
+        ``(0.5, 0.5)`` at a detector distance of half the screen height, is
+        where a PC is sought when nothing is known.
+    half_width
+        Half-width of the search box in PC units, the same for each
+        component: PCs found outside ``centre ± half_width`` are rejected.
+    binnings
+        The image pyramid of the refinement: each pattern's orientation and
+        PC are refined on its rows binned by each factor in turn (coarse
+        first: a blurred pattern has a wide basin; full resolution last for
+        precision), each level starting from the one before. The factors must
+        divide the pattern shape; those that do not are skipped.
+    patterns
+        Calibration patterns used at most (the best band contrast first).
+    """
+
+    centre: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    half_width: float = 0.05
+    binnings: tuple[int, ...] = (4, 2, 1)
+    patterns: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "centre", tuple(float(v) for v in self.centre))
+        object.__setattr__(self, "binnings", tuple(int(v) for v in self.binnings))
+        if len(self.centre) != 3 or not all(np.isfinite(self.centre)):
+            raise ValueError(f"PC search centre must be three finite numbers (Bruker PCx, PCy, "
+                             f"PCz), got {self.centre}")
+        if not 0 < self.half_width < 0.5:
+            raise ValueError(f"PC search half_width must be in (0, 0.5) PC units, got "
+                             f"{self.half_width!r}")
+        low, high = self.box
+        if low[2] <= 0:
+            raise ValueError(f"PC search box reaches PCz {low[2]:g} <= 0: the detector "
+                             "distance must stay positive")
+        if not self.binnings or min(self.binnings) < 1:
+            raise ValueError(f"PC search binnings must be positive factors, got {self.binnings}")
+        _check_positive_int("PC search patterns", self.patterns)
+
+    @property
+    def box(self) -> tuple[np.ndarray, np.ndarray]:
+        """(3,) lower and upper corners of the search box."""
+        centre = np.asarray(self.centre)
+        return centre - self.half_width, centre + self.half_width
+
+
+@dataclass(frozen=True)
+class PCSearchResult:
+    """The result of :func:`search_pattern_centre`.
+
+    Attributes
+    ----------
+    pc : (3,) float array
+        The PC found (Bruker), fitted jointly on the patterns that converged.
+    ncc
+        Mean NCC of those patterns at ``pc``.
+    pattern_pcs : (n, 3) float array
+        Each pattern's own PC after the pyramid.
+    converged : (n,) bool array
+        Patterns whose PC came out inside the search box and near the others
+        (within 4 robust standard deviations of their median): the joint fit
+        used these.
+    quaternions : (n, 4) float array
+        Orientations refined at ``pc`` (the converged patterns'; the pyramid's
+        for the others).
+    """
+
+    pc: np.ndarray
+    ncc: float
+    pattern_pcs: np.ndarray
+    converged: np.ndarray
+    quaternions: np.ndarray
+
+
+def search_pattern_centre(patterns: Any, starts: np.ndarray, master: Any, detector: Detector,
+                          *, mask: np.ndarray | None = None,
+                          config: PCSearchConfig = PCSearchConfig(),
+                          refine_config: Any = None) -> PCSearchResult:
+    """Find the PC of a map from a few good patterns, with no PC known.
+
+    Every pattern's orientation and PC are refined together from its best
+    dictionary matches at the box centre (``starts``), coarse to fine over an
+    image pyramid (``config.binnings``): on patterns binned 4 × 4 the Kikuchi
+    bands are broad and the NCC changes smoothly with the PC, so a PC several
+    hundredths off still climbs towards the right one, and each finer level
+    starts from the coarser one's result. A PC error is largely absorbed by
+    a rotation, so not every pattern gets there; the patterns whose PCs land
+    inside the box and agree with the median of the others (the robust
+    estimate) are kept, and one PC is fitted jointly on them with their
+    orientations (:func:`dpm.refine.fit_shared_pattern_centre`).
+
+    Parameters
+    ----------
+    patterns : (n, npix) float32 array
+        Zero-mean unit-norm rows of the patterns (:func:`dpm.match.prepare_patterns`)
+        over ``mask``, NumPy or CuPy.
+    starts : (n, k, 4) or (n, 4) float array
+        Their best dictionary matches at the box centre's PC, best first.
+    master
+        The (sharp) master pattern; it is low-passed for each pyramid level.
+    detector
+        Detector of the patterns (shape, tilts, pixel size); its PC is not used.
+    mask : (sy, sx) bool array, optional
+        Signal mask the rows were taken over.
+    config
+        Search box and pyramid.
+    refine_config
+        :class:`dpm.refine.RefineConfig` for starts, iterations and budget;
+        the PC trust radius is widened to a fifth of the box for the search.
+
+    Returns
+    -------
+    PCSearchResult
+
+    Raises
+    ------
+    ValueError
+        When fewer than three patterns converge inside the box: the box is
+        wrong or the patterns do not diffract; the message says which PCs
+        were found.
+    """
+    from dataclasses import replace
+
+    from dpm import backend
+    from dpm.refine import (RefineConfig, fit_shared_pattern_centre, refine,
+                            refinement_master)
+    from dpm.search import PatternBinning, binned_detector
+
+    refine_config = RefineConfig() if refine_config is None else refine_config
+    search = replace(refine_config, pattern_centre="pattern",
+                     pc_trust_radius=max(refine_config.pc_trust_radius, config.half_width / 5),
+                     max_iterations=max(refine_config.max_iterations, 100))
+    det = replace(detector, pc=config.centre)
+    sy, sx = det.shape
+    levels = [f for f in config.binnings if sy % f == 0 and sx % f == 0] or [1]
+    if levels[-1] != 1:
+        levels.append(1)
+    low, high = config.box
+    masters = {f: refinement_master(master, binned_detector(det, f)) for f in levels}
+    xp = backend.namespace(patterns)
+    n = int(patterns.shape[0])
+    # The coarsest level starts from the box centre and the centres of its eight octants:
+    # one of them lies within a quarter of the box of any PC in it. Each pattern keeps
+    # the start that reached the highest NCC.
+    octants = np.stack(np.meshgrid(*[[-0.5, 0.5]] * 3, indexing="ij"), -1).reshape(-1, 3)
+    start_pcs = np.asarray(config.centre) + config.half_width * np.vstack([np.zeros(3), octants])
+    quaternions = np.asarray(backend.to_host(starts), dtype=np.float64)
+    if quaternions.ndim == 2:
+        quaternions = quaternions[:, None]
+    m = len(start_pcs)
+    copies = xp.asarray(np.tile(np.arange(n), m))
+    quaternions, pcs = np.tile(quaternions, (m, 1, 1)), np.repeat(start_pcs, n, axis=0)
+    for level, factor in enumerate(levels):
+        binning = PatternBinning(factor, (sy, sx), mask)
+        small = binned_detector(det, factor)
+        rows = binning.rows(patterns)
+        result = refine(rows if level else rows[copies], masters[factor], small, quaternions,
+                        mask=binning.binned_mask, config=search, pcs=pcs)
+        quaternions, pcs = result.quaternions, result.pcs
+        if level == 0:
+            best = np.argmax(result.scores.reshape(m, n), axis=0) * n + np.arange(n)
+            quaternions, pcs = quaternions[best], pcs[best]
+    inside = ((pcs >= low) & (pcs <= high)).all(axis=1) & (result.scores > 0)
+    converged = inside.copy()
+    if inside.sum() >= 3:
+        median = np.median(pcs[inside], axis=0)
+        scale = np.maximum(1.4826 * np.median(np.abs(pcs[inside] - median), axis=0),
+                           _RESIDUAL_FLOOR)
+        converged &= (np.abs(pcs - median) <= 4.0 * scale).all(axis=1)
+    if converged.sum() < 3:
+        raise ValueError(
+            f"no PC found in the search box {np.round(low, 4).tolist()} to "
+            f"{np.round(high, 4).tolist()}: {int(inside.sum())} of {len(pcs)} patterns refined "
+            f"to a PC inside it (too few agree); widen the box or give the PC")
+    keep = np.flatnonzero(converged)
+    start = replace(detector, pc=tuple(float(v) for v in np.median(pcs[keep], axis=0)))
+    pc, q, ncc = fit_shared_pattern_centre(
+        patterns[xp.asarray(keep)], masters[1], start, quaternions[keep],
+        mask=mask, config=replace(search, pattern_centre="fixed"))
+    if not ((pc >= low) & (pc <= high)).all():
+        raise ValueError(f"the PC fitted on {len(keep)} patterns, {np.round(pc, 4).tolist()}, "
+                         f"lies outside the search box {np.round(low, 4).tolist()} to "
+                         f"{np.round(high, 4).tolist()}; widen the box or give the PC")
+    quaternions = quaternions.copy()
+    quaternions[keep] = q
+    return PCSearchResult(pc, float(ncc), pcs, converged, quaternions)

@@ -36,9 +36,11 @@ _TABLE_OPTIONS = {
     "zero_solution_threshold": ("zero_solutions", "threshold"),
     "band_contrast_threshold": ("zero_solutions", "band_contrast_threshold"),
     "interface_direction": ("grains", "interface_direction"),
+    "pc_search_centre": ("pc_search", "centre"),
+    "pc_search_width": ("pc_search", "half_width"),
 }
 _TABLES = ("preprocess", "refinement", "zero_solutions", "cleanup", "pseudo_symmetry", "grains",
-           "boundaries", "search", "calibration")
+           "boundaries", "search", "calibration", "pc_search")
 
 
 class UsageError(ValueError):
@@ -124,6 +126,11 @@ def _parser() -> argparse.ArgumentParser:
                    "spread over the map, the constrained field of a tilted flat sample, every "
                    "pattern refined at its own PC; the given PC is the map centre's), plane "
                    "(each PC component a free plane) or constant (the given PC everywhere)")
+    i.add_argument("--pc-search-centre", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                   help="find the PC in a box about this one (Bruker; default 0.5 0.5 0.5, "
+                   "searched by itself when neither --pc nor the file gives a PC)")
+    i.add_argument("--pc-search-width", type=float, metavar="W",
+                   help="half-width of the PC search box in PC units (default 0.05)")
     i.add_argument("--no-zero-solutions", dest="zero_solutions", action="store_false",
                    default=None, help="keep zero solutions as matched (no neighbour replacement)")
     i.add_argument("--no-cleanup", dest="cleanup", action="store_false", default=None,
@@ -222,7 +229,7 @@ def _run_index(args: argparse.Namespace) -> int:
     from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
     from dpm.grains import GrainConfig
     from dpm.boundaries import BoundaryConfig
-    from dpm.calibration import CalibrationConfig, PCFieldConfig
+    from dpm.calibration import CalibrationConfig, PCFieldConfig, PCSearchConfig
     from dpm.pipeline import NEEDS_REFINE, IndexConfig, index
     from dpm.preprocess import PreprocessConfig
     from dpm.pseudo_symmetry import PseudoSymmetryConfig
@@ -248,6 +255,8 @@ def _run_index(args: argparse.Namespace) -> int:
         if det is not None and ("sample_tilt" in opts or "detector_tilt" in opts):
             det = replace(det, sample_tilt=det.sample_tilt if sample_tilt is None else sample_tilt,
                           tilt=det.tilt if detector_tilt is None else detector_tilt)
+    if det is None:     # no PC anywhere: searched in the [pc_search] box (its defaults)
+        opts.setdefault("pc_search", {})
     if "grid" not in opts and getattr(stack, "grid", "square") != "square":
         opts["grid"] = stack.grid    # the file's grid
     fields = {k: opts[k] for k in _config_fields() - set(_TABLES) if k in opts}
@@ -260,7 +269,7 @@ def _run_index(args: argparse.Namespace) -> int:
                        ("zero_solutions", ZeroSolutionConfig), ("cleanup", MapCleanupConfig),
                        ("pseudo_symmetry", PseudoSymmetryConfig), ("grains", GrainConfig),
                        ("boundaries", BoundaryConfig), ("search", SearchConfig),
-                       ("calibration", CalibrationConfig)):
+                       ("calibration", CalibrationConfig), ("pc_search", PCSearchConfig)):
         if table in opts:
             try:
                 values = dict(opts[table]) if opts[table] is not None else None
@@ -270,6 +279,10 @@ def _run_index(args: argparse.Namespace) -> int:
             except TypeError as e:
                 raise UsageError(f"[{table}] options: {e}") from None
     config = IndexConfig(**fields)
+    if det is None:
+        det = Detector(shape=stack.pattern_shape, pc=config.pc_search.centre,
+                       sample_tilt=70.0 if sample_tilt is None else sample_tilt,
+                       tilt=0.0 if detector_tilt is None else detector_tilt)
     try:
         result = index(stack, phase=opts["phase"], detector=det,
                        master_pattern=opts.get("master_pattern"), config=config,

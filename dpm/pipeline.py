@@ -42,7 +42,7 @@ import numpy as np
 
 from dpm import backend
 from dpm.boundaries import BoundaryConfig
-from dpm.calibration import CalibrationConfig
+from dpm.calibration import CalibrationConfig, PCSearchConfig
 from dpm.cleanup import MapCleanupConfig, ZeroSolutionConfig
 from dpm.grains import GrainConfig, Grid, check_grid
 from dpm.preprocess import PreprocessConfig
@@ -153,6 +153,13 @@ class IndexConfig:
     calibration
         Calibration grid, window, minimum count and outlier rejection of the
         PC field (its ``field.model`` follows ``pc_field``).
+    pc_search
+        When set, the detector's PC is not known: before the PC field, the
+        map's PC is found in this box (:func:`dpm.calibration.search_pattern_centre`)
+        on the calibration patterns, and the run goes on as if it had been
+        given. :func:`index` sets it (box about the screen centre, ±0.05)
+        when neither the call nor the pattern file gives a detector. None:
+        the detector's PC is used.
     """
 
     kv: float = 20.0
@@ -177,6 +184,7 @@ class IndexConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     pc_field: str = "auto"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    pc_search: PCSearchConfig | None = None
 
     def __post_init__(self) -> None:
         check_grid(self.grid)
@@ -532,38 +540,43 @@ def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]],
     return pc
 
 
-def _calibrate_pc_field(context, config: IndexConfig, step: float,
-                        progress: bool) -> dict[str, Any]:
-    """The record of the map's PC field, fitted to calibration patterns spread over it.
+@dataclass(frozen=True)
+class _CalibrationPatterns:
+    """The calibration patterns of a map (:func:`_calibration_patterns`).
+
+    Attributes
+    ----------
+    rows : (k, npix) float32 array
+        Their preprocessed, normalised rows on the run's device.
+    pixels : list of (row, col)
+        Their map pixels, window by window.
+    band_contrast : (k,) float array
+        Their band contrast.
+    windows
+        Calibration windows read.
+    """
+
+    rows: Any
+    pixels: list[tuple[int, int]]
+    band_contrast: np.ndarray
+    windows: int
+
+
+def _calibration_patterns(context, config: IndexConfig, progress: bool) -> _CalibrationPatterns:
+    """Patterns spread over the map for the PC search and the PC field.
 
     Reads only the ``calibration.window`` blocks at the centres of the
     ``calibration.grid`` cells (:func:`dpm.calibration.calibration_windows`):
-    each block's diffracting pixel of highest band contrast is a calibration
-    pattern. Those are matched against the dictionary at the detector's PC,
-    then their orientations and PCs refined and the field fitted
-    (:func:`dpm.calibration.calibrate_pattern_centre_field`). Beam positions
-    are map pixels (x the column, y the row).
-
-    Returns
-    -------
-    record : dict
-        For ``summary.json`` and the result store (JSON types only; the field
-        itself by :func:`_field_of`). Its ``status`` is ``"fitted"``, or
-        ``"given PC kept"`` with the ``reason`` when the map has too few
-        diffracting calibration patterns or the fit fails (warned).
+    each block's diffracting pixel (band contrast above the zero-solution
+    threshold) of highest band contrast is a calibration pattern.
     """
-    from dpm.calibration import (calibrate_pattern_centre_field, calibration_windows,
-                                 select_calibration_patterns)
-    from dpm.chunks import block_rows, match_rows
+    from dpm.calibration import calibration_windows, select_calibration_patterns
+    from dpm.chunks import block_rows
 
     cal = config.calibration
-    ny, nx = context.map_shape
-    given = [float(v) for v in context.det_used.pc]
-    record: dict[str, Any] = {"model": cal.field.model, "given_pc": given,
-                              "grid": list(cal.grid), "window": cal.window}
-    windows = calibration_windows((ny, nx), cal.grid, cal.window)
+    windows = calibration_windows(context.map_shape, cal.grid, cal.window)
     window_rows, window_ok = [], []
-    for block in _progress_iter(windows, "PC calibration", progress):
+    for block in _progress_iter(windows, "calibration patterns", progress):
         rows, ok = block_rows(context, block)
         window_rows.append(rows)
         window_ok.append(ok)
@@ -574,7 +587,7 @@ def _calibrate_pc_field(context, config: IndexConfig, step: float,
     bc_all = pattern_quality_maps(all_rows, context.det_used, context.mask_used, len(all_rows),
                                   band_contrast=None if file_bc[0] is None
                                   else np.concatenate(file_bc))[0]
-    picked_rows, picked = [], []
+    picked_index, picked, picked_bc = [], [], []
     offset = 0
     for (r0, r1, c0, c1), ok in zip(windows, window_ok):
         shape = (r1 - r0, c1 - c0)
@@ -583,10 +596,86 @@ def _calibrate_pc_field(context, config: IndexConfig, step: float,
                                            (ok & (bc > config.band_contrast_limit)).reshape(shape),
                                            grid=(1, 1))
         for r, c in zip(*best):    # the window's one calibration pattern, if it has one
-            i = offset + int(r) * shape[1] + int(c)
-            picked_rows.append(all_rows[i:i + 1])
+            picked_index.append(offset + int(r) * shape[1] + int(c))
             picked.append((r0 + int(r), c0 + int(c)))
+            picked_bc.append(float(bc[int(r) * shape[1] + int(c)]))
         offset += len(ok)
+    rows = all_rows[context.xp.asarray(np.asarray(picked_index, dtype=np.int64))]
+    return _CalibrationPatterns(rows, picked, np.asarray(picked_bc), len(windows))
+
+
+def _search_pattern_centre(context, config: IndexConfig,
+                           calibration: _CalibrationPatterns) -> dict[str, Any]:
+    """The record of the PC found in ``config.pc_search``'s box, on the calibration
+    patterns of highest band contrast (:func:`dpm.calibration.search_pattern_centre`);
+    they are matched against the dictionary at the box centre (``context.det_used``).
+
+    Raises
+    ------
+    ValueError
+        Too few diffracting calibration patterns, or no PC found in the box.
+    """
+    from dpm.calibration import search_pattern_centre
+    from dpm.chunks import match_rows
+
+    search = config.pc_search
+    record: dict[str, Any] = {"box_centre": list(search.centre),
+                              "half_width": search.half_width,
+                              "binnings": list(search.binnings)}
+    if len(calibration.pixels) < 3:
+        raise ValueError(
+            f"no pattern centre given and none found: only {len(calibration.pixels)} of the "
+            f"{calibration.windows} calibration cells have a diffracting pattern (band "
+            f"contrast above {config.band_contrast_limit:g}); give the PC (--pc X Y Z)")
+    t = time.perf_counter()
+    order = np.argsort(-calibration.band_contrast, kind="stable")[:search.patterns]
+    rows = calibration.rows[context.xp.asarray(order)]
+    # Candidates only: at a PC this far off every pattern would look unsure and take the
+    # whole binned grid, which the PC starts of the search make up for anyway.
+    coarse_only = replace(config, search=replace(config.search, confidence=0.0))
+    found = match_rows(replace(context, config=coarse_only), rows, config.keep)
+    starts = context.rotations[backend.to_host(found.indices)].astype(np.float64)
+    refinement = replace(config.refinement, memory_budget=config.refinement.memory_budget
+                         or max(1, context.budget // 4))
+    result = search_pattern_centre(rows, starts, context.master, context.det_used,
+                                   mask=context.mask_used, config=search,
+                                   refine_config=refinement)
+    record |= {"pc": [float(v) for v in result.pc], "ncc": result.ncc,
+               "pixels": [list(calibration.pixels[i]) for i in order],
+               "converged": [bool(v) for v in result.converged],
+               "seconds": time.perf_counter() - t}
+    log.info("pattern centre found in the box %s ± %g: (%.4f, %.4f, %.4f), mean NCC %.3f on "
+             "%d of %d patterns", search.centre, search.half_width, *record["pc"], result.ncc,
+             int(result.converged.sum()), len(order))
+    return record
+
+
+def _calibrate_pc_field(context, config: IndexConfig, step: float,
+                        calibration: _CalibrationPatterns) -> dict[str, Any]:
+    """The record of the map's PC field, fitted to the calibration patterns.
+
+    The calibration patterns are matched against the dictionary at the
+    detector's PC, then their orientations and PCs refined and the field
+    fitted (:func:`dpm.calibration.calibrate_pattern_centre_field`). Beam
+    positions are map pixels (x the column, y the row).
+
+    Returns
+    -------
+    record : dict
+        For ``summary.json`` and the result store (JSON types only; the field
+        itself by :func:`_field_of`). Its ``status`` is ``"fitted"``, or
+        ``"given PC kept"`` with the ``reason`` when the map has too few
+        diffracting calibration patterns or the fit fails (warned).
+    """
+    from dpm.calibration import calibrate_pattern_centre_field
+    from dpm.chunks import match_rows
+
+    cal = config.calibration
+    ny, nx = context.map_shape
+    given = [float(v) for v in context.det_used.pc]
+    record: dict[str, Any] = {"model": cal.field.model, "given_pc": given,
+                              "grid": list(cal.grid), "window": cal.window}
+    picked = calibration.pixels
     record["calibration_pixels"] = [list(p) for p in picked]
 
     def fallback(reason: str) -> dict[str, Any]:
@@ -595,11 +684,10 @@ def _calibrate_pc_field(context, config: IndexConfig, step: float,
         return record | {"status": "given PC kept", "reason": reason}
 
     if len(picked) < cal.min_patterns:
-        return fallback(f"only {len(picked)} of the {len(windows)} calibration cells have a "
-                        f"diffracting pattern (band contrast above "
+        return fallback(f"only {len(picked)} of the {calibration.windows} calibration cells "
+                        f"have a diffracting pattern (band contrast above "
                         f"{config.band_contrast_limit:g}); at least {cal.min_patterns} are needed")
-    xp = context.xp
-    patterns = xp.concatenate(picked_rows)
+    patterns = calibration.rows
     found = match_rows(context, patterns, config.keep)
     starts = context.rotations[backend.to_host(found.indices)].astype(np.float64)
     r, c = (np.array(v, dtype=np.float64) for v in zip(*picked))
@@ -860,7 +948,7 @@ def index(
     from threadpoolctl import threadpool_limits
 
     from dpm.chunks import PatternRows, blas_threads, chunk_patterns, run_chunks
-    from dpm.detector import as_detector
+    from dpm.detector import Detector, as_detector
     from dpm.io.readers import as_pattern_stack, read_patterns
     from dpm.preprocess import map_blocks
     from dpm.sampling import cubochoric_grid
@@ -870,12 +958,17 @@ def index(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     stack = read_patterns(patterns) if isinstance(patterns, (str, Path)) else as_pattern_stack(patterns)
-    if detector is None:
-        if stack.detector is None:
-            raise ValueError(f"{stack.source}: no detector given and the file stores none; "
-                             "give the pattern centre (--pc X Y Z)")
-        detector = stack.detector
-    det = as_detector(detector)
+    if detector is None and stack.detector is None:
+        # Nothing says where the PC is: find it in the default box about the screen centre.
+        search = config.pc_search or PCSearchConfig()
+        log.info("%s: no detector given and the file stores none: the pattern centre is "
+                 "searched in %s ± %g (sample tilt 70°, detector tilt 0°)", stack.source,
+                 search.centre, search.half_width)
+        config = replace(config, pc_search=search)
+        detector = Detector(shape=stack.pattern_shape, pc=search.centre)
+    det = as_detector(detector if detector is not None else stack.detector)
+    if config.pc_search is not None:    # the box centre: what the search matches at
+        det = replace(det, pc=config.pc_search.centre)
     if tuple(det.shape) != stack.pattern_shape:
         raise ValueError(f"{stack.source}: pattern shape {stack.pattern_shape} does not match the "
                          f"detector shape {tuple(det.shape)}")
@@ -931,6 +1024,23 @@ def index(
     timings["preprocess_setup"] = time.perf_counter() - t
 
     step = step_size if step_size is not None else (stack.step_size or 1.0)
+    calibration = None
+    pc_search_record = None
+    if config.pc_search is not None:
+        # No PC known: find it before anything that needs one, once (stored for a resume).
+        t = time.perf_counter()
+        pc_search_record = store.manifest.get("pc_search") if store is not None else None
+        if pc_search_record is None:
+            with threadpool_limits(limits=threads, user_api="blas"):
+                calibration = _calibration_patterns(context, config, progress)
+                pc_search_record = _search_pattern_centre(context, config, calibration)
+            if store is not None:
+                store.update(pc_search=pc_search_record)
+        found = tuple(pc_search_record["pc"])
+        det = replace(det, pc=found)
+        context = replace(context, detector=replace(context.detector, pc=found),
+                          det_used=replace(context.det_used, pc=found))
+        timings["pc_search"] = time.perf_counter() - t
     pc_field_record = None
     if pc_field is not None:
         if not config.refine or config.refinement.pattern_centre == "shared":
@@ -944,7 +1054,9 @@ def index(
         if pc_field_record is None:
             with threadpool_limits(limits=threads, user_api="blas"):  # as the chunks: the
                 # same field in any process
-                pc_field_record = _calibrate_pc_field(context, config, step, progress)
+                if calibration is None:
+                    calibration = _calibration_patterns(context, config, progress)
+                pc_field_record = _calibrate_pc_field(context, config, step, calibration)
             if store is not None:
                 store.update(pc_field=pc_field_record)
         pc_field = _field_of(pc_field_record)
@@ -1047,6 +1159,7 @@ def index(
         "detector_shape": list(context.det_used.shape),
         "input_hash": content_hash, "memory_budget_bytes": int(budget),
         **({"pc_field": pc_field_record} if pc_field_record is not None else {}),
+        **({"pc_search": pc_search_record} if pc_search_record is not None else {}),
         "chunks": {"count": len(blocks),
                    "patterns_per_chunk": (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]),
                    "read_from_store": len(done)}}

@@ -344,3 +344,65 @@ def test_calibration_takes_the_band_contrast_the_file_stores():
     result = index(stack, detector=detector, master_pattern=master, config=config)
     assert result.details["pc_field"]["calibration_pixels"] == expected
     np.testing.assert_array_equal(result.band_contrast, stored)
+
+
+# --- no PC known: the search -------------------------------------------------------------
+
+def test_index_without_a_pc_finds_it_in_the_search_box(drifting_map):
+    """No detector given and a box whose centre is 0.04 off the true map-centre PC in
+    every component: the PC found is within 0.005 of the truth, and the calibrated field
+    and the orientations are those of the run given the map-centre PC."""
+    from dpm.calibration import PCSearchConfig
+    from dpm.pipeline import IndexConfig, _field_of, index
+
+    master, smap = drifting_map
+    ny, nx = smap.diffracting.shape
+    box = PCSearchConfig(centre=(0.53, 0.23, 0.62))     # truth (0.49, 0.27, 0.58)
+    searched = index(smap.patterns, master_pattern=master,
+                     config=IndexConfig(resolution=3.0, pc_search=box))
+    given = index(smap.patterns, detector=DETECTOR_MAP, master_pattern=master,
+                  config=IndexConfig(resolution=3.0))
+    record = searched.details["pc_search"]
+    assert record["box_centre"] == list(box.centre) and sum(record["converged"]) >= 3
+    pixels = np.asarray(record["pixels"])
+    truth = smap.pcs.reshape(ny, nx, 3)[pixels[:, 0], pixels[:, 1]].mean(axis=0)
+    assert np.abs(np.subtract(record["pc"], truth)).max() < 5e-3, (record["pc"], truth)
+    assert searched.config.pc_search == box
+    assert searched.details["run"]["pc"] == record["pc"]
+    y, x = np.indices((ny, nx))
+    fields = [_field_of(r.details["pc_field"]).at(x, y) for r in (searched, given)]
+    # the joint fits start from other PCs: 0.0004 apart measured, each 0.0015 from the truth
+    assert np.abs(fields[0] - fields[1]).max() < 1e-3
+    assert np.abs(fields[0].reshape(-1, 3) - smap.pcs).max() < 3e-3
+    errors = [_median_error(r, smap) for r in (searched, given)]
+    assert abs(errors[0] - errors[1]) < 0.01, errors
+
+
+def test_a_pc_outside_the_search_box_is_not_found():
+    """Patterns of the drifting map's PC searched in a box 0.1 away: the search says it
+    found none in that box, instead of returning its edge."""
+    from dpm.calibration import PCSearchConfig, search_pattern_centre
+    from dpm.master.shipped import shipped_master_pattern
+    from dpm.match import prepare_patterns
+    from dpm.synthetic import camera_patterns, random_quaternions
+
+    master = shipped_master_pattern("li", 20)
+    rng = np.random.default_rng(4)
+    q = random_quaternions(12, rng)
+    images = camera_patterns(master, DETECTOR_MAP, q, supersample=1).reshape(12, -1)
+    patterns, _ = prepare_patterns(rng.poisson(300 * (1 + images - images.min())).astype(
+        np.float32))
+    box = PCSearchConfig(centre=(0.5, 0.37, 0.48), half_width=0.03, binnings=(2, 1))
+    with pytest.raises(ValueError, match="search box"):
+        search_pattern_centre(patterns, q, master, DETECTOR_MAP, config=box)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"centre": (0.5, 0.5)}, "three finite"), ({"half_width": 0.0}, "half_width"),
+    ({"centre": (0.5, 0.5, 0.03)}, "PCz"), ({"binnings": ()}, "binnings"),
+    ({"patterns": 0}, "patterns")])
+def test_pc_search_config_errors(kwargs: dict, message: str):
+    from dpm.calibration import PCSearchConfig
+
+    with pytest.raises(ValueError, match=message):
+        PCSearchConfig(**kwargs)

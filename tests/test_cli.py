@@ -105,7 +105,7 @@ def test_config_file_and_cli_precedence(stack_file, master_file, tmp_path):
     (["index", "missing.npy", "--out", "{out}"], "missing.npy does not exist"),
     (["index", "{stack}", "--phase", "unobtainium", "--pc", "0.5", "0.3", "0.6", "--out", "{out}"],
      "unobtainium"),
-    (["index", "{stack}", "--out", "{out}"], "no detector given"),
+    (["--quiet", "index", "{stack}", "--out", "{out}"], "no pattern centre given and none found"),
     (["index", "{stack}", "--pc", "0.5", "0.3", "0.6", "--device", "gpu", "--out", "{out}"],
      "no CUDA device"),
 ])
@@ -376,3 +376,26 @@ def test_pc_field_flag_and_its_config_table(stack_file, master_file, tmp_path):
     constant = tmp_path / "constant"
     assert main([*args, "--pc-field", "constant", "--out", str(constant)]) == 0
     assert "pc_field" not in json.loads((constant / "summary.json").read_text())
+
+
+def test_without_a_pc_the_pc_is_searched_and_recorded(tmp_path):
+    """No --pc and a file without one: the PC is found in the default box about the
+    screen centre (the patterns' PC lies 0.02-0.03 off it), written to summary.json and
+    config.toml with the [pc_search] table; --pc-search-width sets the box."""
+    from dpm.master.shipped import shipped_master_pattern
+
+    master = shipped_master_pattern("li", 20)
+    truth = (0.52, 0.47, 0.53)
+    smap = synthetic_map(master, Detector(shape=(60, 60), pc=truth),
+                         SyntheticConfig(map_shape=(8, 10), seed=5))
+    stack = tmp_path / "patterns.npy"
+    np.save(stack, smap.patterns)
+    out = tmp_path / "out"
+    assert main(["--quiet", "index", str(stack), "--resolution", "4", "--no-pseudo-symmetry",
+                 "--pc-search-width", "0.04", "--out", str(out)]) == 0
+    record = json.loads((out / "summary.json").read_text())["pc_search"]
+    assert record["box_centre"] == [0.5, 0.5, 0.5] and record["half_width"] == 0.04
+    assert np.abs(np.subtract(record["pc"], truth)).max() < 5e-3, record["pc"]
+    written = (out / "config.toml").read_text()
+    assert "[pc_search]\ncentre = [0.5, 0.5, 0.5]\nhalf_width = 0.04" in written
+    assert f"pc = [{', '.join(repr(v) for v in record['pc'])}]" in written
