@@ -105,17 +105,17 @@ def disorientation_stats(q: np.ndarray, truth: np.ndarray, point_group,
             "mean_within_2deg": float(angles[close].mean()) if close.any() else float("nan")}
 
 
-def li_map(map_shape: tuple[int, int], seed: int,
-           pc_drift: float = 0.0) -> tuple[MasterPattern, Detector, SyntheticMap]:
+def li_map(map_shape: tuple[int, int], seed: int, pc_drift: float = 0.0,
+           pc: tuple[float, float, float] = PC) -> tuple[MasterPattern, Detector, SyntheticMap]:
     """The benches' synthetic Li map: the shipped 20 kV dynamical master pattern, the
-    detector of ``PC`` (60 x 60 px) and :func:`dpm.synthetic.synthetic_map` with its
+    detector of ``pc`` (60 x 60 px) and :func:`dpm.synthetic.synthetic_map` with its
     default noise, blur and pores (and ``pc_drift``)."""
     from dpm.master.shipped import shipped_master_pattern
 
     master = shipped_master_pattern("li", KV)
     if master is None:
         raise RuntimeError("the shipped Li 20 kV master pattern is missing")
-    detector = Detector(shape=DETECTOR_SHAPE, pc=PC)
+    detector = Detector(shape=DETECTOR_SHAPE, pc=pc)
     smap = synthetic_map(master, detector, SyntheticConfig(map_shape=map_shape, seed=seed,
                                                            pc_drift=pc_drift))
     return master, detector, smap

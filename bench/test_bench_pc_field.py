@@ -4,14 +4,17 @@ Run with ``python3 -m pytest bench/test_bench_pc_field.py --benchmark-only -q -s
 
 The map: 60 × 40 synthetic Li patterns of 60 × 60 px (the shipped 20 kV
 dynamical master pattern; background, Poisson noise, blur, 3 % pores; the map
-of ``bench/test_bench_end_to_end.py``) rendered with a PC that drifts as a
-flat sample's does: PCx ±0.01 from the map centre to its left and right edges,
-PCy and PCz over the rows (``SyntheticConfig.pc_drift``). Only the map-centre
-PC is given. Runs, each with the 2° dictionary and refinement:
+of ``bench/test_bench_end_to_end.py``, seed 42) rendered with a PC that drifts
+as a flat sample's does: PCx ±0.01 from the map centre to its left and right
+edges, PCy and PCz over the rows (``SyntheticConfig.pc_drift``), about
+``MAP_PC`` = (0.515, 0.47, 0.535) at the map centre, inside the ±0.05 box about
+the screen centre that dpm searches when no PC is known. Runs, each with the
+2° dictionary and refinement:
 
 - dpm with one PC (``pc_field="constant"``), with the calibrated field
-  (``"auto"``, the default) and with the true PC of every pixel
-  (``index(pc_field=...)``);
+  (``"auto"``, the default), with no PC at all (no detector: the PC is searched
+  in the default box, then the field calibrated) and with the true PC of every
+  pixel (``index(pc_field=...)``);
 - kikuchipy with one PC (``get_sample_fundamental``, ``get_patterns``,
   ``dictionary_indexing``, ``refine_orientation``), as users run it.
 
@@ -33,6 +36,7 @@ from refine_data import KV, disorientation_stats, kikuchipy_index, li_map
 from dpm.synthetic import drift_field
 
 MAP_SHAPE = (40, 60)
+MAP_PC = (0.515, 0.47, 0.535)
 DRIFT = 0.01
 RESOLUTION = 2.0
 MEASURED: dict[str, dict] = {}
@@ -40,7 +44,7 @@ MEASURED: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def drift_map():
-    return li_map(MAP_SHAPE, 42, pc_drift=DRIFT)
+    return li_map(MAP_SHAPE, 42, pc_drift=DRIFT, pc=MAP_PC)
 
 
 def _errors(quaternions: np.ndarray, smap, point_group) -> dict[str, float]:
@@ -58,14 +62,14 @@ def test_bench_pc_field_dpm(benchmark, drift_map):
 
     master, detector, smap = drift_map
     truth = drift_field(detector, MAP_SHAPE, smap.step_size, DRIFT)
-    runs = {"one PC": ("constant", None), "fitted field": ("auto", None),
-            "true PCs": ("constant", truth)}
+    runs = {"one PC": ("constant", None, detector), "fitted field": ("auto", None, detector),
+            "no PC": ("auto", None, None), "true PCs": ("constant", truth, detector)}
     results = {}
-    for name, (mode, known) in runs.items():
+    for name, (mode, known, given) in runs.items():
         config = IndexConfig(kv=KV, resolution=RESOLUTION, device="cpu", pc_field=mode)
 
         def run():
-            return index(smap.patterns, detector=detector, master_pattern=master,
+            return index(smap.patterns, detector=given, master_pattern=master,
                          config=config, pc_field=known)
 
         results[name] = (benchmark.pedantic(run, rounds=1, iterations=1) if name == "fitted field"
@@ -79,20 +83,34 @@ def test_bench_pc_field_dpm(benchmark, drift_map):
               f"{MEASURED[f'dpm {name}']['mean_deg']:.3f}°, median "
               f"{MEASURED[f'dpm {name}']['median_deg']:.3f}°; "
               f"{_within(MEASURED[f'dpm {name}'])}")
-    fitted = results["fitted field"]
-    record = fitted.details["pc_field"]
     y, x = np.indices(MAP_SHAPE)
-    error = np.abs(_field_of(record).at(x, y).reshape(-1, 3) - smap.pcs).max(axis=0)
     one = results["one PC"].timings["total"]
-    calibration = fitted.timings["pc_field"]
-    print(f"fitted field: {record['status']}, largest error over the map (PCx, PCy, PCz) "
-          f"{error.round(5).tolist()}; gradients {np.round(record['gradient_z'], 1).tolist()} "
-          f"standard errors from zero; calibration stage {calibration:.2f} s = "
-          f"{100 * calibration / one:.1f} % of the one-PC run ({one:.1f} s); the whole run "
-          f"{100 * (fitted.timings['total'] - one) / one:.1f} % longer (includes the "
-          "refinement at per-pixel PCs)")
-    benchmark.extra_info.update(errors=MEASURED, field_error=error.tolist(),
-                                calibration_s=calibration, one_pc_s=one, patterns=n,
+    for name in ("fitted field", "no PC"):
+        fitted = results[name]
+        record = fitted.details["pc_field"]
+        error = np.abs(_field_of(record).at(x, y).reshape(-1, 3) - smap.pcs).max(axis=0)
+        calibration = fitted.timings["pc_field"]
+        print(f"{name}: field {record['status']}, largest error over the map (PCx, PCy, PCz) "
+              f"{error.round(5).tolist()}; gradients "
+              f"{np.round(record['gradient_z'], 1).tolist()} standard errors from zero; "
+              f"calibration stage {calibration:.2f} s = {100 * calibration / one:.1f} % of the "
+              f"one-PC run ({one:.1f} s); the whole run "
+              f"{100 * (fitted.timings['total'] - one) / one:.1f} % longer (includes the "
+              "refinement at per-pixel PCs)")
+        MEASURED[f"dpm {name}"]["field_error"] = error.tolist()
+    search = results["no PC"].details["pc_search"]
+    pixels = np.asarray(search["pixels"])
+    truth_pc = smap.pcs.reshape(*MAP_SHAPE, 3)[pixels[:, 0], pixels[:, 1]].mean(axis=0)
+    seconds = results["no PC"].timings["pc_search"]
+    print(f"no PC: searched in {search['box_centre']} ± {search['half_width']}: found "
+          f"{np.round(search['pc'], 4).tolist()}, the calibration patterns' mean true PC "
+          f"{np.round(truth_pc, 4).tolist()} ({np.abs(np.subtract(search['pc'], truth_pc)).max():.4f} "
+          f"off); {sum(search['converged'])} of {len(search['converged'])} patterns agreed; "
+          f"search {seconds:.2f} s = {100 * seconds / one:.1f} % of the one-PC run")
+    error = MEASURED["dpm no PC"]["field_error"]
+    benchmark.extra_info.update(errors=MEASURED, field_error=error,
+                                calibration_s=results["fitted field"].timings["pc_field"],
+                                search_s=seconds, one_pc_s=one, patterns=n,
                                 cores=os.cpu_count())
 
 
@@ -110,9 +128,10 @@ def test_bench_pc_field_kikuchipy(benchmark, drift_map, tmp_path):
           f"{MEASURED['kikuchipy one PC']['mean_deg']:.3f}°, median "
           f"{MEASURED['kikuchipy one PC']['median_deg']:.3f}°; "
           f"{_within(MEASURED['kikuchipy one PC'])}")
-    if "dpm fitted field" in MEASURED:
-        dpm, kp_one = MEASURED["dpm fitted field"], MEASURED["kikuchipy one PC"]
-        print(f"dpm with the fitted field / kikuchipy with one PC: mean disorientation "
-              f"{dpm['mean_deg'] / kp_one['mean_deg']:.3f}, over the pixels within 2° "
-              f"{dpm['mean_within_2deg'] / kp_one['mean_within_2deg']:.3f}")
+    for name in ("fitted field", "no PC"):
+        if f"dpm {name}" in MEASURED:
+            dpm, kp_one = MEASURED[f"dpm {name}"], MEASURED["kikuchipy one PC"]
+            print(f"dpm, {name} / kikuchipy with one PC: mean disorientation "
+                  f"{dpm['mean_deg'] / kp_one['mean_deg']:.3f}, over the pixels within 2° "
+                  f"{dpm['mean_within_2deg'] / kp_one['mean_within_2deg']:.3f}")
     benchmark.extra_info.update(stages=stages, errors=MEASURED["kikuchipy one PC"])

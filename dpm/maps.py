@@ -177,3 +177,53 @@ def write_property_maps(xmap, out: str | Path, map_shape: tuple[int, int]) -> li
         paths.append(Path(out) / name)
         save_scalar(paths[-1], values.reshape(map_shape), cmap="gray", vmin=vmin, vmax=vmax)
     return paths
+
+
+def save_pc_field(path: str | Path, pcs: np.ndarray, *,
+                  calibration: np.ndarray | None = None,
+                  inliers: np.ndarray | None = None) -> None:
+    """Save the pattern centre over a map as one PNG: PCx, PCy and PCz side by side.
+
+    Each panel is the map (row 0 at the top) coloured by one PC component
+    (Bruker convention), with its own colour bar; calibration patterns are
+    marked, those the field fit rejected as outliers with a cross.
+
+    Parameters
+    ----------
+    path
+        The PNG to write.
+    pcs : (ny, nx, 3) float array
+        The PC of every map pixel.
+    calibration : (k, 2) int array, optional
+        Map pixels ``(row, col)`` of the calibration patterns.
+    inliers : (k,) bool array, optional
+        Which of them the field fit used (default: all).
+    """
+    import matplotlib.pyplot as plt
+
+    pcs = np.asarray(pcs, dtype=float)
+    if pcs.ndim != 3 or pcs.shape[2] != 3:
+        raise ValueError(f"pcs must be a (ny, nx, 3) map of PCs, got shape {pcs.shape}")
+    ny, nx = pcs.shape[:2]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6 * max(ny / nx, 0.35) + 0.8),
+                             layout="constrained")
+    for k, (ax, name) in enumerate(zip(axes, ("PCx", "PCy", "PCz"))):
+        image = ax.imshow(pcs[..., k], cmap="viridis", interpolation="nearest",
+                          extent=(-0.5, nx - 0.5, ny - 0.5, -0.5))
+        bar = fig.colorbar(image, ax=ax, shrink=0.85)
+        bar.formatter.set_useOffset(False)
+        bar.update_ticks()
+        ax.set_title(f"{name}: {pcs[..., k].min():.4f} to {pcs[..., k].max():.4f}")
+        ax.set_xlabel("column")
+        if calibration is not None and len(calibration):
+            cal = np.asarray(calibration).reshape(-1, 2)
+            used = (np.ones(len(cal), dtype=bool) if inliers is None
+                    else np.asarray(inliers, dtype=bool))
+            ax.scatter(cal[used, 1], cal[used, 0], s=12, facecolors="none", edgecolors="w",
+                       linewidths=0.8, label="calibration")
+            if (~used).any():
+                ax.scatter(cal[~used, 1], cal[~used, 0], s=16, c="r", marker="x",
+                           linewidths=1.0, label="outlier")
+    axes[0].set_ylabel("row")
+    atomic_write(path, lambda tmp: fig.savefig(str(tmp), dpi=120))
+    plt.close(fig)

@@ -14,7 +14,8 @@
    against the dictionary projected chunk by chunk (:mod:`dpm.dictionary`,
    :mod:`dpm.match`), keeping the best ``keep`` matches;
    Before the chunks, the PC field of the map is calibrated on patterns
-   spread over it (:mod:`dpm.calibration`, ``pc_field``);
+   spread over it (:mod:`dpm.calibration`, ``pc_field``), after the map's PC
+   is found in a search box when none is known (``pc_search``);
 6. refine the orientation (and optionally the pattern centre) of every
    pattern from its best matches (:mod:`dpm.refine`), each at its own PC
    from the field;
@@ -896,7 +897,10 @@ def index(
         (ignored when ``master_pattern`` is given: its phase is used).
     detector
         dpm ``Detector`` or kikuchipy ``EBSDDetector`` of the raw (unbinned)
-        patterns; when None, the one stored in the pattern file.
+        patterns; when None, the one stored in the pattern file; when the file
+        stores none either, the PC is searched (``config.pc_search``, default
+        (0.5, 0.5, 0.5) ± 0.05) with sample tilt 70° and detector tilt 0°.
+        With ``config.pc_search`` set, the detector's PC is not used.
     master_pattern
         A :class:`~dpm.master.MasterPattern`, a master-pattern file, or None to
         simulate one for ``phase``.

@@ -369,6 +369,7 @@ def test_pc_field_flag_and_its_config_table(stack_file, master_file, tmp_path):
     assert record["model"] == "plane" and record["grid"] == [8, 8]
     written = (out / "config.toml").read_text()
     assert 'pc_field = "plane"' in written and '[calibration.field]\nmodel = "plane"' in written
+    assert (out / "pc_field.png").is_file()
     again = tmp_path / "again"
     assert main(["--quiet", "index", str(stack_file), "--master-pattern", str(master_file),
                  "--config", str(out / "config.toml"), "--out", str(again)]) == 0
@@ -376,6 +377,7 @@ def test_pc_field_flag_and_its_config_table(stack_file, master_file, tmp_path):
     constant = tmp_path / "constant"
     assert main([*args, "--pc-field", "constant", "--out", str(constant)]) == 0
     assert "pc_field" not in json.loads((constant / "summary.json").read_text())
+    assert not (constant / "pc_field.png").exists()
 
 
 def test_without_a_pc_the_pc_is_searched_and_recorded(tmp_path):
@@ -399,3 +401,8 @@ def test_without_a_pc_the_pc_is_searched_and_recorded(tmp_path):
     written = (out / "config.toml").read_text()
     assert "[pc_search]\ncentre = [0.5, 0.5, 0.5]\nhalf_width = 0.04" in written
     assert f"pc = [{', '.join(repr(v) for v in record['pc'])}]" in written
+    # the result store keeps the search: a resumed run takes the same PC from it
+    assert json.loads((out / "run.json").read_text())["pc_search"]["pc"] == record["pc"]
+    assert main(["--quiet", "index", str(stack), "--resolution", "4", "--no-pseudo-symmetry",
+                 "--pc-search-width", "0.04", "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["pc_search"] == record

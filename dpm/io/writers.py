@@ -562,7 +562,8 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     ``orix.io.load`` and :func:`dpm.io.readers.read_map` give back with their
     values and dtypes), ``map.ang`` (:func:`write_ang`, on the run's grid
     ``result.config.grid``), on square grids ``map.ctf`` (:func:`write_ctf`),
-    then the PNG maps, ``summary.json`` and ``config.toml``. The .ang and
+    then the PNG maps (with ``pc_field.png``, :func:`dpm.maps.save_pc_field`,
+    when the run has a PC field), ``summary.json`` and ``config.toml``. The .ang and
     .ctf headers take the pattern centre, detector shape and sample tilt
     from ``result.details`` (:func:`_index_detector`). Every file but the
     PNG maps (written by :mod:`dpm.maps`) is written whole or not at all
@@ -589,7 +590,7 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     """
     from orix.io.plugins import orix_hdf5
 
-    from dpm.maps import save_scalar, write_ipf_maps, write_property_maps
+    from dpm.maps import save_pc_field, save_scalar, write_ipf_maps, write_property_maps
 
     out = prepare_output_dir(out)
     xmap = result.xmap
@@ -604,6 +605,13 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     else:
         log.info("no map.ctf: the .ctf format has no hexagonal grid (map.ang has it)")
     paths += write_ipf_maps(xmap, out) + write_property_maps(xmap, out, shape)
+    record = result.details.get("pc_field")
+    if record is not None and all(k in xmap.prop for k in ("pcx", "pcy", "pcz")):
+        paths.append(out / "pc_field.png")
+        pcs = np.column_stack([np.asarray(xmap.prop[k]) for k in ("pcx", "pcy", "pcz")])
+        save_pc_field(paths[-1], pcs.reshape(*shape, 3),
+                      calibration=np.asarray(record.get("calibration_pixels", []), dtype=int),
+                      inliers=record.get("inliers"))
     if "pattern_quality" in xmap.prop:
         paths.append(out / "pattern_quality.png")
         save_scalar(paths[-1], np.asarray(xmap.prop["pattern_quality"]).reshape(shape),
