@@ -191,12 +191,11 @@ def _median_error(result, smap) -> float:
                                           result.xmap.phases[0].point_group)))
 
 
-def test_index_calibrates_the_pc_field_of_a_drifting_map(drifting_map):
-    """Only the map-centre PC given: the calibrated field (constrained model) is close to
-    the truth everywhere, every pattern is refined at its PC from it, and the orientations
-    are as good as with the true PC of every pixel; with one PC they are several times
-    worse."""
-    from dpm.pipeline import IndexConfig, _field_of, index
+@pytest.fixture(scope="module")
+def drifting_runs(drifting_map):
+    """The drifting map indexed with one PC, the calibrated field (only the map-centre PC
+    given) and the true PC of every pixel."""
+    from dpm.pipeline import IndexConfig, index
     from dpm.synthetic import drift_field
 
     master, smap = drifting_map
@@ -204,11 +203,22 @@ def test_index_calibrates_the_pc_field_of_a_drifting_map(drifting_map):
     truth = drift_field(DETECTOR_MAP, (ny, nx), smap.step_size, DRIFT)
     np.testing.assert_allclose(truth.at(*np.meshgrid(np.arange(nx), np.arange(ny))).reshape(-1, 3),
                                smap.pcs, atol=1e-12)
-    runs = {}
-    for name, pc_field, known in (("one PC", "constant", None), ("field", "auto", None),
-                                  ("true PCs", "constant", truth)):
-        runs[name] = index(smap.patterns, detector=DETECTOR_MAP, master_pattern=master,
-                           pc_field=known, config=IndexConfig(resolution=3.0, pc_field=pc_field))
+    return {name: index(smap.patterns, detector=DETECTOR_MAP, master_pattern=master,
+                        pc_field=known, config=IndexConfig(resolution=3.0, pc_field=pc_field))
+            for name, pc_field, known in (("one PC", "constant", None), ("field", "auto", None),
+                                          ("true PCs", "constant", truth))}
+
+
+def test_index_calibrates_the_pc_field_of_a_drifting_map(drifting_map, drifting_runs):
+    """Only the map-centre PC given: the calibrated field (constrained model) is close to
+    the truth everywhere, every pattern is refined at its PC from it, and the orientations
+    are as good as with the true PC of every pixel; with one PC they are several times
+    worse."""
+    from dpm.pipeline import _field_of
+
+    master, smap = drifting_map
+    ny, nx = smap.diffracting.shape
+    runs = drifting_runs
     record = runs["field"].details["pc_field"]
     assert record["status"] == "fitted" and record["model"] == "constrained"
     assert len(record["calibration_pixels"]) == 64
@@ -348,7 +358,7 @@ def test_calibration_takes_the_band_contrast_the_file_stores():
 
 # --- no PC known: the search -------------------------------------------------------------
 
-def test_index_without_a_pc_finds_it_in_the_search_box(drifting_map):
+def test_index_without_a_pc_finds_it_in_the_search_box(drifting_map, drifting_runs):
     """No detector given and a box whose centre is 0.04 off the true map-centre PC in
     every component: the PC found is within 0.005 of the truth, and the calibrated field
     and the orientations are those of the run given the map-centre PC."""
@@ -360,8 +370,7 @@ def test_index_without_a_pc_finds_it_in_the_search_box(drifting_map):
     box = PCSearchConfig(centre=(0.53, 0.23, 0.62))     # truth (0.49, 0.27, 0.58)
     searched = index(smap.patterns, master_pattern=master,
                      config=IndexConfig(resolution=3.0, pc_search=box))
-    given = index(smap.patterns, detector=DETECTOR_MAP, master_pattern=master,
-                  config=IndexConfig(resolution=3.0))
+    given = drifting_runs["field"]
     record = searched.details["pc_search"]
     assert record["box_centre"] == list(box.centre) and sum(record["converged"]) >= 3
     pixels = np.asarray(record["pixels"])
