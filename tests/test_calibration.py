@@ -415,3 +415,35 @@ def test_pc_search_config_errors(kwargs: dict, message: str):
 
     with pytest.raises(ValueError, match=message):
         PCSearchConfig(**kwargs)
+
+
+@pytest.mark.slow    # ~20 s: the refinement kernel through the host shim, twice per pyramid level
+def test_pc_search_on_the_gpu_path_equals_numpy(gpu_standin):
+    """The search on device arrays (the CuPy stand-in running the refinement kernel
+    through the host shim) finds the PC the NumPy path finds, near the truth."""
+    from dataclasses import replace
+
+    from orix.quaternion import Rotation
+
+    from dpm.calibration import PCSearchConfig, search_pattern_centre
+    from dpm.master.shipped import shipped_master_pattern
+    from dpm.match import prepare_patterns
+    from dpm.synthetic import camera_patterns, random_quaternions
+
+    master = shipped_master_pattern("li", 20)
+    detector = Detector(shape=(30, 30), pc=(0.52, 0.47, 0.53), sample_tilt=70.0)
+    rng = np.random.default_rng(8)
+    q = random_quaternions(6, rng)
+    images = camera_patterns(master, detector, q, supersample=1).reshape(6, -1)
+    patterns, _ = prepare_patterns(rng.poisson(500 * (1 + images - images.min())).astype(
+        np.float32))
+    starts = (Rotation.from_axes_angles(rng.normal(size=(6, 3)), 2.0, degrees=True)
+              * Rotation(q)).data
+    box = PCSearchConfig(half_width=0.04, binnings=(2, 1))
+    host = search_pattern_centre(patterns, starts, master, replace(detector, pc=box.centre),
+                                 config=box)
+    device = search_pattern_centre(gpu_standin.asarray(patterns), starts, master,
+                                   replace(detector, pc=box.centre), config=box)
+    assert np.abs(host.pc - np.asarray(detector.pc)).max() < 3e-3, host.pc
+    np.testing.assert_allclose(device.pc, host.pc, atol=1e-5)
+    np.testing.assert_array_equal(device.converged, host.converged)
