@@ -24,6 +24,10 @@ patterns (the ``"constrained"`` model, 5 parameters: the PC at the map
 centre and the two gradients), or fits each component as a free affine
 plane over the map (``"plane"``, 9 parameters), or takes one PC
 (``"constant"``), rejecting outliers by their robust residuals.
+:func:`calibrate_pattern_centre_field` refines the field jointly on the
+calibration patterns' NCCs; when no PC is known at all,
+:func:`search_pattern_centre` first finds one in a search box
+(:class:`PCSearchConfig`).
 
 Beam positions are in the map's own units (µm for a map with a step size,
 map pixels otherwise); gradients are PC units per that unit.
