@@ -284,15 +284,22 @@ def fit_pattern_centre_field(x: np.ndarray, y: np.ndarray, pcs: np.ndarray, *,
         residuals = pcs - field.at(x, y)
         # Outliers pull a least-squares field towards them: judge each residual by its
         # distance from the inliers' median, in robust standard deviations.
-        median = np.median(residuals[inliers], axis=0)
-        scale = 1.4826 * np.median(np.abs(residuals[inliers] - median), axis=0)
-        scale = np.maximum(scale, _RESIDUAL_FLOOR)
-        keep = (np.abs(residuals - median) <= config.outlier_limit * scale).all(axis=1)
+        keep = _agrees(residuals, inliers, config.outlier_limit)
         if np.array_equal(keep, inliers) or keep.sum() < _least_points(config.model):
             break
         inliers = keep
     rms = np.sqrt((residuals[inliers] ** 2).mean(axis=0))
     return PCFieldFit(field, config.model, residuals, inliers, rms)
+
+
+def _agrees(values: np.ndarray, reference: np.ndarray, limit: float) -> np.ndarray:
+    """(n,) bool: the rows of ``values`` (n, 3) within ``limit`` robust standard
+    deviations (1.4826 × MAD, per column, at least :data:`_RESIDUAL_FLOOR`) of the
+    median of the ``reference`` rows (a bool mask), in every column."""
+    median = np.median(values[reference], axis=0)
+    scale = 1.4826 * np.median(np.abs(values[reference] - median), axis=0)
+    scale = np.maximum(scale, _RESIDUAL_FLOOR)
+    return (np.abs(values - median) <= limit * scale).all(axis=1)
 
 
 def _least_points(model: str) -> int:
@@ -572,7 +579,7 @@ class PCSearchConfig:
         if not 0 < self.half_width < 0.5:
             raise ValueError(f"PC search half_width must be in (0, 0.5) PC units, got "
                              f"{self.half_width!r}")
-        low, high = self.box
+        low = self.box[0]
         if low[2] <= 0:
             raise ValueError(f"PC search box reaches PCz {low[2]:g} <= 0: the detector "
                              "distance must stay positive")
@@ -704,12 +711,7 @@ def search_pattern_centre(patterns: Any, starts: np.ndarray, master: Any, detect
             best = np.argmax(result.scores.reshape(m, n), axis=0) * n + np.arange(n)
             quaternions, pcs = quaternions[best], pcs[best]
     inside = ((pcs >= low) & (pcs <= high)).all(axis=1) & (result.scores > 0)
-    converged = inside.copy()
-    if inside.sum() >= 3:
-        median = np.median(pcs[inside], axis=0)
-        scale = np.maximum(1.4826 * np.median(np.abs(pcs[inside] - median), axis=0),
-                           _RESIDUAL_FLOOR)
-        converged &= (np.abs(pcs - median) <= 4.0 * scale).all(axis=1)
+    converged = inside & _agrees(pcs, inside, 4.0) if inside.sum() >= 3 else inside
     if converged.sum() < 3:
         raise ValueError(
             f"no PC found in the search box {np.round(low, 4).tolist()} to "
@@ -724,6 +726,5 @@ def search_pattern_centre(patterns: Any, starts: np.ndarray, master: Any, detect
         raise ValueError(f"the PC fitted on {len(keep)} patterns, {np.round(pc, 4).tolist()}, "
                          f"lies outside the search box {np.round(low, 4).tolist()} to "
                          f"{np.round(high, 4).tolist()}; widen the box or give the PC")
-    quaternions = quaternions.copy()
     quaternions[keep] = q
     return PCSearchResult(pc, float(ncc), pcs, converged, quaternions)

@@ -70,6 +70,7 @@ def run_demo(out: str | Path = "dpm-demo", device: str | None = None, progress: 
     """Index the bundled Li map, reconstruct its grains, write the results into ``out`` and
     return a report."""
     from dpm.io.writers import write_index_outputs
+    from dpm.maps import pattern_centres
     from dpm.master.cache import cached_master_pattern
     from dpm.pipeline import IndexConfig, index
     from dpm.synthetic import load_synthetic_map
@@ -98,8 +99,8 @@ def run_demo(out: str | Path = "dpm-demo", device: str | None = None, progress: 
     }
     field = result.details.get("pc_field", {})
     pc_text = ""
-    if smap.pcs is not None and "pcx" in result.xmap.prop:
-        found = np.column_stack([np.asarray(result.xmap.prop[k]) for k in ("pcx", "pcy", "pcz")])
+    found = pattern_centres(result.xmap)
+    if smap.pcs is not None and found is not None:
         accuracy["pc_max_error"] = float(np.abs(found - smap.pcs.reshape(-1, 3)).max())
         if field.get("status") == "fitted":
             pc_text = ("PC field ({:.4f}, {:.4f}, {:.4f}) at the map centre, spread ({:.4f}, "

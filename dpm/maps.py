@@ -179,6 +179,18 @@ def write_property_maps(xmap, out: str | Path, map_shape: tuple[int, int]) -> li
     return paths
 
 
+#: The per-pixel PC properties dpm writes into a CrystalMap (Bruker convention).
+PC_PROPERTIES = ("pcx", "pcy", "pcz")
+
+
+def pattern_centres(xmap) -> np.ndarray | None:
+    """(n, 3) PC of every pixel of a CrystalMap from its ``pcx``, ``pcy``, ``pcz``
+    properties, or None when it does not carry them."""
+    if not all(k in xmap.prop for k in PC_PROPERTIES):
+        return None
+    return np.column_stack([np.asarray(xmap.prop[k], dtype=float) for k in PC_PROPERTIES])
+
+
 def save_pc_field(path: str | Path, pcs: np.ndarray, *,
                   calibration: np.ndarray | None = None,
                   inliers: np.ndarray | None = None) -> None:

@@ -541,6 +541,13 @@ def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]],
     return pc
 
 
+def _calibration_refinement(config: IndexConfig, context) -> RefineConfig:
+    """The run's refinement options for the few patterns of the PC search and the PC
+    field: their memory budget, when not given, a quarter of the run's."""
+    return replace(config.refinement, memory_budget=config.refinement.memory_budget
+                   or max(1, context.budget // 4))
+
+
 @dataclass(frozen=True)
 class _CalibrationPatterns:
     """The calibration patterns of a map (:func:`_calibration_patterns`).
@@ -636,8 +643,7 @@ def _search_pattern_centre(context, config: IndexConfig,
     coarse_only = replace(config, search=replace(config.search, confidence=0.0))
     found = match_rows(replace(context, config=coarse_only), rows, config.keep)
     starts = context.rotations[backend.to_host(found.indices)].astype(np.float64)
-    refinement = replace(config.refinement, memory_budget=config.refinement.memory_budget
-                         or max(1, context.budget // 4))
+    refinement = _calibration_refinement(config, context)
     result = search_pattern_centre(rows, starts, context.master, context.det_used,
                                    mask=context.mask_used, config=search,
                                    refine_config=refinement)
@@ -692,8 +698,7 @@ def _calibrate_pc_field(context, config: IndexConfig, step: float,
     found = match_rows(context, patterns, config.keep)
     starts = context.rotations[backend.to_host(found.indices)].astype(np.float64)
     r, c = (np.array(v, dtype=np.float64) for v in zip(*picked))
-    refinement = replace(config.refinement, memory_budget=config.refinement.memory_budget
-                         or max(1, context.budget // 4))
+    refinement = _calibration_refinement(config, context)
     try:
         fit = calibrate_pattern_centre_field(
             patterns, starts, c, r, context.refinement_master(), context.det_used,

@@ -590,7 +590,8 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
     """
     from orix.io.plugins import orix_hdf5
 
-    from dpm.maps import save_pc_field, save_scalar, write_ipf_maps, write_property_maps
+    from dpm.maps import (pattern_centres, save_pc_field, save_scalar, write_ipf_maps,
+                          write_property_maps)
 
     out = prepare_output_dir(out)
     xmap = result.xmap
@@ -606,9 +607,9 @@ def write_index_outputs(result, out: str | Path, extra_summary: dict[str, Any] |
         log.info("no map.ctf: the .ctf format has no hexagonal grid (map.ang has it)")
     paths += write_ipf_maps(xmap, out) + write_property_maps(xmap, out, shape)
     record = result.details.get("pc_field")
-    if record is not None and all(k in xmap.prop for k in ("pcx", "pcy", "pcz")):
+    pcs = pattern_centres(xmap)
+    if record is not None and pcs is not None:
         paths.append(out / "pc_field.png")
-        pcs = np.column_stack([np.asarray(xmap.prop[k]) for k in ("pcx", "pcy", "pcz")])
         save_pc_field(paths[-1], pcs.reshape(*shape, 3),
                       calibration=np.asarray(record.get("calibration_pixels", []), dtype=int),
                       inliers=record.get("inliers"))
