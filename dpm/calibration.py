@@ -340,6 +340,53 @@ def _fit(x: np.ndarray, y: np.ndarray, pcs: np.ndarray, model: str,
     return PatternCentreField(centre, coefficients[:3], gradient)
 
 
+def average_same_grain(rows: Any, centre: int, usable: np.ndarray, *,
+                       fraction: float = 0.5, floor: float = 0.1) -> tuple[Any, np.ndarray]:
+    """Average a calibration pattern with the neighbours in its window that show the same grain.
+
+    A 3 × 3 window of one grain holds 9 noisy copies of one pattern at PCs
+    that differ by a fraction of the map's drift per pixel: their mean has 3 ×
+    the signal-to-noise ratio, and for a field linear in beam position its PC
+    is the field at their mean position. Neighbours are recognised by their
+    NCC with the centre pattern: noisy copies of one pattern correlate at
+    about the product of their NCCs with the noise-free pattern (0.16–0.30 on
+    the realistic 60 × 60 synthetic maps), patterns of different grains or
+    pores at most ~0.09.
+
+    Parameters
+    ----------
+    rows : (w, npix) float32 array
+        The window's preprocessed rows (zero mean, unit norm; NumPy or CuPy).
+    centre
+        Row of the calibration pattern.
+    usable : (w,) bool array
+        Rows that may be averaged (readable and diffracting).
+    fraction, floor
+        A usable row joins when its NCC with the centre is at least
+        ``fraction`` times the best neighbour's and at least ``floor``; with
+        no neighbour above ``floor`` the centre pattern is kept alone.
+
+    Returns
+    -------
+    row : (npix,) array
+        The normalised mean pattern (the centre row when nothing joined).
+    members : (w,) bool array
+        The rows averaged (the centre included).
+    """
+    from dpm import backend
+
+    xp = backend.namespace(rows)
+    ncc = np.asarray(backend.to_host(rows @ rows[centre]), dtype=np.float64)
+    usable = np.asarray(usable, dtype=bool).copy()
+    usable[centre] = False
+    best = ncc[usable].max() if usable.any() else -np.inf
+    members = usable & (ncc >= max(fraction * best, floor))
+    members[centre] = True
+    mean = rows[xp.asarray(np.flatnonzero(members))].mean(axis=0)
+    mean = mean - mean.mean()
+    return mean / xp.maximum(xp.linalg.norm(mean), 1e-30), members
+
+
 def select_calibration_patterns(band_contrast: np.ndarray, usable: np.ndarray,
                                 grid: tuple[int, int] = (5, 5)) -> tuple[np.ndarray, np.ndarray]:
     """Calibration patterns spread over the map: the best one of each grid cell.
@@ -446,8 +493,8 @@ def calibrate_pattern_centre_field(patterns: Any, starts: np.ndarray, x: np.ndar
                             linear_pattern_centre_covariance, refine, refinement_master)
 
     refine_config = RefineConfig() if refine_config is None else refine_config
-    rmaster = master if isinstance(master, RefinementMaster) else refinement_master(master,
-                                                                                   detector)
+    rmaster = master if isinstance(master, RefinementMaster) else refinement_master(
+        master, detector, psf=refine_config.psf)
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     result = refine(patterns, rmaster, detector, starts, mask=mask,
@@ -686,7 +733,8 @@ def search_pattern_centre(patterns: Any, starts: np.ndarray, master: Any, detect
     if levels[-1] != 1:
         levels.append(1)
     low, high = config.box
-    masters = {f: refinement_master(master, binned_detector(det, f)) for f in levels}
+    masters = {f: refinement_master(master, binned_detector(det, f), psf=refine_config.psf / f)
+               for f in levels}
     xp = backend.namespace(patterns)
     n = int(patterns.shape[0])
     # The coarsest level starts from the box centre and the centres of its eight octants:

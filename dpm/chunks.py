@@ -239,7 +239,8 @@ class ChunkContext:
         from dpm.refine import refinement_master
 
         return _cached(self.key, f"refinement_master{self._pc_key}",
-                       lambda: refinement_master(self.master, self.det_used))
+                       lambda: refinement_master(self.master, self.det_used,
+                                                 psf=self.config.refinement.psf))
 
     def block_pcs(self, block: tuple[int, int, int, int]) -> np.ndarray | None:
         """(k, 3) PCs of a block's pixels from the PC field (row-major), None without one."""

@@ -535,7 +535,8 @@ def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]],
     master = context.master
     best = match_rows(context, sub_rows, 1)
     starts = context.rotations[backend.to_host(best.indices)[:, 0]].astype(np.float64)
-    pc, _, _ = fit_shared_pattern_centre(sub_rows, refinement_master(master, context.det_used),
+    pc, _, _ = fit_shared_pattern_centre(sub_rows, refinement_master(master, context.det_used,
+                                                                     psf=refinement.psf),
                                          context.det_used, starts, mask=context.mask_used,
                                          config=refinement)
     return pc
@@ -555,9 +556,16 @@ class _CalibrationPatterns:
     Attributes
     ----------
     rows : (k, npix) float32 array
-        Their preprocessed, normalised rows on the run's device.
+        Their preprocessed, normalised rows on the run's device: each the mean
+        of the pixels of its window that show the same grain
+        (:func:`dpm.calibration.average_same_grain`).
     pixels : list of (row, col)
-        Their map pixels, window by window.
+        Their map pixels (the one of highest band contrast), window by window.
+    positions : (k, 2) float array
+        Mean (row, column) of the pixels averaged into each: the beam
+        position whose PC the pattern has.
+    averaged : (k,) int array
+        Pixels averaged into each.
     band_contrast : (k,) float array
         Their band contrast.
     windows
@@ -566,6 +574,8 @@ class _CalibrationPatterns:
 
     rows: Any
     pixels: list[tuple[int, int]]
+    positions: np.ndarray
+    averaged: np.ndarray
     band_contrast: np.ndarray
     windows: int
 
@@ -576,9 +586,10 @@ def _calibration_patterns(context, config: IndexConfig, progress: bool) -> _Cali
     Reads only the ``calibration.window`` blocks at the centres of the
     ``calibration.grid`` cells (:func:`dpm.calibration.calibration_windows`):
     each block's diffracting pixel (band contrast above the zero-solution
-    threshold) of highest band contrast is a calibration pattern.
+    threshold) of highest band contrast is a calibration pattern, averaged
+    with the block's pixels of the same grain.
     """
-    from dpm.calibration import calibration_windows, select_calibration_patterns
+    from dpm.calibration import average_same_grain, calibration_windows, select_calibration_patterns
     from dpm.chunks import block_rows
 
     cal = config.calibration
@@ -595,21 +606,29 @@ def _calibration_patterns(context, config: IndexConfig, progress: bool) -> _Cali
     bc_all = pattern_quality_maps(all_rows, context.det_used, context.mask_used, len(all_rows),
                                   band_contrast=None if file_bc[0] is None
                                   else np.concatenate(file_bc))[0]
-    picked_index, picked, picked_bc = [], [], []
+    picked_rows, picked, positions, averaged, picked_bc = [], [], [], [], []
     offset = 0
     for (r0, r1, c0, c1), ok in zip(windows, window_ok):
         shape = (r1 - r0, c1 - c0)
         bc = bc_all[offset:offset + len(ok)]
-        best = select_calibration_patterns(bc.reshape(shape),
-                                           (ok & (bc > config.band_contrast_limit)).reshape(shape),
-                                           grid=(1, 1))
+        usable = ok & (bc > config.band_contrast_limit)
+        best = select_calibration_patterns(bc.reshape(shape), usable.reshape(shape), grid=(1, 1))
         for r, c in zip(*best):    # the window's one calibration pattern, if it has one
-            picked_index.append(offset + int(r) * shape[1] + int(c))
+            row, members = average_same_grain(all_rows[offset:offset + len(ok)],
+                                              int(r) * shape[1] + int(c), usable)
+            mr, mc = np.divmod(np.flatnonzero(members), shape[1])
+            picked_rows.append(row)
             picked.append((r0 + int(r), c0 + int(c)))
+            positions.append((r0 + mr.mean(), c0 + mc.mean()))
+            averaged.append(int(members.sum()))
             picked_bc.append(float(bc[int(r) * shape[1] + int(c)]))
         offset += len(ok)
-    rows = all_rows[context.xp.asarray(np.asarray(picked_index, dtype=np.int64))]
-    return _CalibrationPatterns(rows, picked, np.asarray(picked_bc), len(windows))
+    npix = int(all_rows.shape[1])
+    rows = (context.xp.stack(picked_rows) if picked_rows
+            else context.xp.zeros((0, npix), dtype=all_rows.dtype))
+    return _CalibrationPatterns(rows, picked, np.asarray(positions, dtype=np.float64).reshape(-1, 2),
+                                np.asarray(averaged, dtype=np.int64), np.asarray(picked_bc),
+                                len(windows))
 
 
 def _search_pattern_centre(context, config: IndexConfig,
@@ -697,7 +716,7 @@ def _calibrate_pc_field(context, config: IndexConfig, step: float,
     patterns = calibration.rows
     found = match_rows(context, patterns, config.keep)
     starts = context.rotations[backend.to_host(found.indices)].astype(np.float64)
-    r, c = (np.array(v, dtype=np.float64) for v in zip(*picked))
+    r, c = calibration.positions.T
     refinement = _calibration_refinement(config, context)
     try:
         fit = calibrate_pattern_centre_field(

@@ -101,6 +101,9 @@ _PRUNE_SCHEDULE = ((1, 0.9),)
 _BYTES_PER_CANDIDATE = 2048
 #: Threads per block of the CUDA kernel (a power of two; see the launch site).
 _GPU_THREADS = 128
+#: Candidates per CUDA launch with a PSF, whose scratch images take ~230 KB
+#: each at 60 × 60 (~0.5 GB per launch; 15 waves of blocks on an H100).
+_PSF_BATCH = 2048
 #: Smallest NCC used to scale the curvature (a weaker correlation is noise).
 _MIN_CURVATURE_NCC = 0.05
 #: Upper-triangle index pairs (j <= k) of the 6 x 6 sums, in kernel order.
@@ -140,6 +143,12 @@ class RefineConfig:
         Bytes the candidates' optimiser state may take on the patterns' device
         (None: half the free memory); candidates are refined in batches of
         whole patterns that fit it.
+    psf
+        Gaussian σ of the camera's point-spread function in detector pixels
+        (0: none): every projected pattern is blurred by it on the screen
+        (:func:`refinement_master`), as the camera blurs the experimental
+        one. Used when :func:`refine` is given a master pattern; a
+        :class:`RefinementMaster` carries its own.
     """
 
     pattern_centre: PatternCentreMode = "fixed"
@@ -152,6 +161,7 @@ class RefineConfig:
     max_iterations: int = 50
     pc_subset: int = 256
     memory_budget: int | None = None
+    psf: float = 0.0
 
     def __post_init__(self) -> None:
         if self.pattern_centre not in ("fixed", "shared", "pattern"):
@@ -169,6 +179,8 @@ class RefineConfig:
                              f"got {self.memory_budget!r}")
         if not self.distinct_angle >= 0:
             raise ValueError(f"distinct_angle must be >= 0 degrees, got {self.distinct_angle}")
+        if not (math.isfinite(self.psf) and self.psf >= 0):
+            raise ValueError(f"psf must be a finite σ >= 0 in detector pixels, got {self.psf!r}")
 
 
 @dataclass(frozen=True)
@@ -212,10 +224,14 @@ class RefinementMaster:
         ``(I, ∂I/∂a, ∂I/∂b, 0)`` with ``a, b`` the Lambert coordinates in [-1, 1].
     master
         The pixel-integrated master pattern the tables come from.
+    psf
+        Gaussian σ of the camera's point-spread function in detector pixels
+        (0: none), applied to every projected pattern on the screen.
     """
 
     tables: np.ndarray
     master: MasterPattern
+    psf: float = 0.0
 
 
 def refinement_master(master: MasterPattern, detector: Detector | EBSDDetector,
@@ -231,14 +247,18 @@ def refinement_master(master: MasterPattern, detector: Detector | EBSDDetector,
         Detector whose pixel size sets the low-pass filter.
     psf
         Gaussian σ of the camera's point-spread function (scintillator and
-        optics), in detector pixels, added in quadrature to the pixel integration.
+        optics) in this detector's pixels. It blurs each projected pattern on
+        the screen, after the pixel integration, as the camera blurs the
+        experimental one. A blur on the sphere instead (in the master pattern)
+        would be wrong away from the PC, where a pixel spans a smaller angle,
+        and leaves an orientation-dependent bias of ~0.001 in the refined PC
+        on 60 × 60 patterns blurred by 0.7 px (``dpm.calibration``).
     """
-    from dpm.projection import integrate_pixels, pixel_angle
+    from dpm.projection import integrate_pixels
 
-    if psf < 0:
-        raise ValueError(f"psf must be >= 0 pixels, got {psf}")
-    spread = psf * math.degrees(pixel_angle(detector))
-    smooth = integrate_pixels(master, detector, orientation_spread=spread)
+    if not (math.isfinite(psf) and psf >= 0):
+        raise ValueError(f"psf must be a finite σ >= 0 in detector pixels, got {psf}")
+    smooth = integrate_pixels(master, detector)
     npx = (smooth.northern.shape[0] - 1) / 2
     tables = np.zeros((2, *smooth.northern.shape, 4), dtype=np.float32)
     for h, hemisphere in enumerate((smooth.northern, smooth.southern)):
@@ -246,7 +266,7 @@ def refinement_master(master: MasterPattern, detector: Detector | EBSDDetector,
         tables[h, ..., 0] = grid
         tables[h, ..., 1] = np.gradient(grid, 1.0 / npx, axis=1)  # columns: Lambert a
         tables[h, ..., 2] = np.gradient(grid, 1.0 / npx, axis=0)  # rows: Lambert b
-    return RefinementMaster(tables=tables, master=smooth)
+    return RefinementMaster(tables=tables, master=smooth, psf=float(psf))
 
 
 # --------------------------------------------------------------- the kernels
@@ -325,10 +345,21 @@ def _lambert_gradient(x: float, y: float, z: float, s: float, a: float, b: float
 @nb.njit(parallel=True, fastmath={"reassoc"}, cache=True)
 def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx: float, sy: float,
                        patterns: np.ndarray, item_pattern: np.ndarray, quaternions: np.ndarray,
-                       pcs: np.ndarray, n_params: int, out: np.ndarray) -> None:  # pragma: no cover
-    """CPU twin of ``kernels/refine.cu::refine_sums``: fill ``out`` (m, 42)."""
+                       pcs: np.ndarray, n_params: int, taps: np.ndarray, used: np.ndarray,
+                       out: np.ndarray) -> None:  # pragma: no cover
+    """CPU twin of ``kernels/refine.cu::refine_sums``: fill ``out`` (m, 42).
+
+    Without a PSF (one tap) ``pixels`` are the used pixels; with one they are
+    the whole detector padded by the PSF's radius, blurred and then read at
+    ``used`` (flat indices into the detector image)."""
     m = quaternions.shape[0]
-    npix = pixels.shape[0]
+    ngrid = pixels.shape[0]
+    radius = (taps.shape[0] - 1) // 2
+    blur = radius > 0
+    npix = used.shape[0] if blur else ngrid
+    width = int(sx)
+    grid_width = width + 2 * radius
+    grid_height = ngrid // grid_width if blur else 0
     ratio = sx / sy
     # One PC for every candidate (the usual case): the pixel directions are
     # the same for all of them and are computed once.
@@ -337,9 +368,9 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
         for k in range(3):
             if pcs[i, k] != pcs[0, k]:
                 common = False
-    directions = np.empty((npix if common else 0, 4))
+    directions = np.empty((ngrid if common else 0, 4))
     if common and m > 0:
-        for p in range(npix):
+        for p in range(ngrid):
             xd = (pixels[p, 0] - np.float64(pcs[0, 0]) * sx) / sy
             yd = np.float64(pcs[0, 1]) - pixels[p, 1] / sy
             zd = np.float64(pcs[0, 2])
@@ -365,9 +396,9 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
         e_row = patterns[item_pattern[i]]
         # Pass 1: intensity and derivatives per pixel; pass 2: the sums as
         # contiguous dot products, which the compiler vectorises.
-        values = np.empty(npix)
-        D = np.zeros((6, npix))
-        for p in range(npix):
+        values = np.empty(ngrid)
+        D = np.zeros((6, ngrid))
+        for p in range(ngrid):
             if common:
                 vx = directions[p, 0]
                 vy = directions[p, 1]
@@ -403,6 +434,30 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
                     gdw = gsx * dw[k, 0] + gsy * dw[k, 1] + gsz * dw[k, 2]
                     vdw = vx * dw[k, 0] + vy * dw[k, 1] + vz * dw[k, 2]
                     D[3 + k, p] = (gdw - gv * vdw) / wn
+        if blur:
+            # The camera's PSF on the projected pattern and (being linear) on
+            # its derivatives: separable, rows then columns at the used pixels.
+            channels = 1 + (n_params if n_params == 3 else 6)
+            row_pass = np.empty((channels, grid_height * width))
+            for c in range(channels):
+                src = values if c == 0 else D[c - 1]
+                for y in range(grid_height):
+                    for x in range(width):
+                        t = 0.0
+                        for k in range(2 * radius + 1):
+                            t += taps[k] * src[y * grid_width + x + k]
+                        row_pass[c, y * width + x] = t
+            values = np.empty(npix)
+            D = np.zeros((6, npix))
+            for c in range(channels):
+                for p in range(npix):
+                    t = 0.0
+                    for k in range(2 * radius + 1):
+                        t += taps[k] * row_pass[c, used[p] + k * width]
+                    if c == 0:
+                        values[p] = t
+                    else:
+                        D[c - 1, p] = t
         acc = np.zeros(N_SUMS)
         s0 = 0.0
         s1 = 0.0
@@ -438,11 +493,18 @@ def _refine_sums_numba(tables: np.ndarray, S: np.ndarray, pixels: np.ndarray, sx
 
 
 def _refine_sums_cuda(tables: Any, S: Any, pixels: Any, sx: float, sy: float, patterns: Any,
-                      item_pattern: Any, quaternions: Any, pcs: Any, n_params: int, out: Any) -> None:
-    """Launch ``kernels/refine.cu::refine_sums``; writes ``out`` in place."""
+                      item_pattern: Any, quaternions: Any, pcs: Any, n_params: int, taps: Any,
+                      used: Any, out: Any) -> None:
+    """Launch ``kernels/refine.cu::refine_sums``; writes ``out`` in place.
+
+    With a PSF the kernel needs ``scratch_floats(...)`` floats of scratch per
+    candidate: launched over slices of at most ``_PSF_BATCH`` candidates."""
+    xp = backend.namespace(out)
     m = quaternions.shape[0]
-    npix = pixels.shape[0]
+    ngrid = pixels.shape[0]
+    npix = used.shape[0]
     side = tables.shape[1]
+    n_taps = taps.shape[0]
     kernel = backend.load_kernel("refine", "refine_sums")
     # One block per candidate: 128 threads walk its pixels with stride 128
     # (coalesced loads of pixel centres and of the experimental row; 60 x 60
@@ -451,10 +513,26 @@ def _refine_sums_cuda(tables: Any, S: Any, pixels: Any, sx: float, sy: float, pa
     # shared memory. Fewer threads for tiny patterns so no warp idles.
     block = min(_GPU_THREADS, max(32, 1 << (npix - 1).bit_length()))
     shared = N_SUMS * block * np.dtype(np.float64).itemsize
-    kernel((m,), (block,),
-           (tables, np.int32(side), S, pixels, np.int32(npix), np.float32(sx), np.float32(sy),
-            patterns, item_pattern, quaternions, pcs, np.int32(m), np.int32(n_params), out),
-           shared_mem=shared)
+    per_item = _scratch_floats(ngrid, n_taps, int(sx))
+    step = m if per_item == 0 else _PSF_BATCH
+    scratch = xp.empty(max(1, min(m, step) * per_item), dtype=xp.float32)
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        kernel((hi - lo,), (block,),
+               (tables, np.int32(side), S, pixels, np.int32(ngrid), np.float32(sx), np.float32(sy),
+                patterns, item_pattern[lo:hi], quaternions[lo:hi], pcs[lo:hi], np.int32(hi - lo),
+                np.int32(n_params), taps, np.int32(n_taps), used, np.int32(npix), scratch,
+                out[lo:hi]),
+               shared_mem=shared)
+
+
+def _scratch_floats(ngrid: int, n_taps: int, width: int) -> int:
+    """Scratch floats per candidate of the CUDA kernel: 7 channels of the padded
+    grid and of its row-blurred copy (0 without a PSF)."""
+    if n_taps == 1:
+        return 0
+    grid_height = ngrid // (width + n_taps - 1)
+    return 7 * (ngrid + grid_height * width)
 
 
 @dataclass(frozen=True, eq=False)
@@ -468,10 +546,12 @@ class _Problem:
     sx: float
     sy: float
     patterns: Any
+    taps: Any
+    used: Any
 
     @property
     def npix(self) -> int:
-        return int(self.pixels.shape[0])
+        return int(self.patterns.shape[1])
 
     def sums(self, item_pattern: Any, quaternions: Any, pcs: Any, n_params: int = 6) -> Any:
         """(m, 42) float64 sums on the device for the given candidates.
@@ -488,10 +568,10 @@ class _Problem:
         ip = xp.ascontiguousarray(item_pattern, dtype=xp.int32)
         if xp is np:
             _refine_sums_numba(self.tables, self.S, self.pixels, self.sx, self.sy, self.patterns,
-                               ip, q, pc, n_params, out)
+                               ip, q, pc, n_params, self.taps, self.used, out)
         else:
             _refine_sums_cuda(self.tables, self.S, self.pixels, self.sx, self.sy, self.patterns,
-                              ip, q, pc, n_params, out)
+                              ip, q, pc, n_params, self.taps, self.used, out)
         return out
 
 
@@ -506,14 +586,37 @@ def _problem(patterns: Any, rmaster: RefinementMaster, detector: Detector,
             raise ValueError(f"mask shape {keep.shape} differs from the detector shape "
                              f"{tuple(detector.shape)}")
         rows, cols = rows[keep.ravel()], cols[keep.ravel()]
-    pixels = np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float32)
-    if pixels.shape[0] != patterns.shape[1]:
+    if rows.size != patterns.shape[1]:
         raise ValueError(f"patterns have {patterns.shape[1]} pixels per row but the detector "
-                         f"{detector.shape} and mask give {pixels.shape[0]}")
+                         f"{detector.shape} and mask give {rows.size}")
+    used = (rows * sx + cols).astype(np.int32)
+    taps = psf_taps(rmaster.psf)
+    if taps.size > 1:
+        # Evaluate on the detector padded by the PSF's radius (light from
+        # just outside the screen's edge reaches its edge pixels), blur, read.
+        radius = (taps.size - 1) // 2
+        rows, cols = np.divmod(np.arange((sy + 2 * radius) * (sx + 2 * radius)), sx + 2 * radius)
+        rows, cols = rows - radius, cols - radius
+    pixels = np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float32)
     S = sample_to_detector_matrix(detector).astype(np.float32).ravel()
     return _Problem(xp=xp, tables=xp.asarray(rmaster.tables), S=xp.asarray(S),
                     pixels=xp.asarray(pixels), sx=float(sx), sy=float(sy),
-                    patterns=xp.ascontiguousarray(patterns, dtype=xp.float32))
+                    patterns=xp.ascontiguousarray(patterns, dtype=xp.float32),
+                    taps=xp.asarray(taps), used=xp.asarray(used))
+
+
+def psf_taps(psf: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps of σ = ``psf`` pixels, radius ``round(4 σ)``.
+
+    ``[1.0]`` for ``psf = 0``; the same truncation as
+    :func:`scipy.ndimage.gaussian_filter`'s default, so a blur with these taps
+    equals it away from the image edges."""
+    radius = int(4.0 * psf + 0.5)
+    if radius == 0:
+        return np.ones(1)
+    k = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (k / psf) ** 2)
+    return taps / taps.sum()
 
 
 # ------------------------------------------------------- sums -> NCC, ∇, JᵀJ
@@ -1025,7 +1128,8 @@ def refine(
     RefineResult
     """
     det = as_detector(detector)
-    rmaster = master if isinstance(master, RefinementMaster) else refinement_master(master, det)
+    rmaster = master if isinstance(master, RefinementMaster) else refinement_master(
+        master, det, psf=config.psf)
     problem = _problem(patterns, rmaster, det, mask)
     xp = problem.xp
     n = int(patterns.shape[0])

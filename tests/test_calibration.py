@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpm.calibration import (PCFieldConfig, PatternCentreField, calibrate_pattern_centre_field,
-                             fit_pattern_centre_field, pattern_centre_field,
+from dpm.calibration import (PCFieldConfig, PatternCentreField, average_same_grain,
+                             calibrate_pattern_centre_field, fit_pattern_centre_field,
+                             pattern_centre_field,
                              select_calibration_patterns, tilt_slope)
 from dpm.detector import Detector
 
@@ -122,6 +123,38 @@ def test_calibration_patterns_are_the_best_of_each_cell():
         assert bc[r, c] == block.max() and usable[r, c]
     with pytest.raises(ValueError, match="one shape"):
         select_calibration_patterns(bc, usable[:3])
+
+
+def test_calibration_pattern_is_averaged_with_its_grain_only():
+    from dpm.master.shipped import shipped_master_pattern
+    from dpm.match import prepare_patterns
+    from dpm.synthetic import camera_patterns, random_quaternions
+
+    # A 3 x 3 window: grain A in the first two rows, grain B in the last; the
+    # same Poisson noise level as the realistic maps (NCC with the truth ~0.5).
+    rng = np.random.default_rng(4)
+    det = Detector(shape=(40, 40), pc=(0.5, 0.3, 0.6))
+    grains = camera_patterns(shipped_master_pattern("li", 20), det, random_quaternions(2, rng))
+    grain_of = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    clean = 1.0 + 0.3 * (grains - grains.mean(axis=(1, 2), keepdims=True)) / grains.std(
+        axis=(1, 2), keepdims=True)
+    noisy = rng.poisson(4.0 * np.clip(clean[grain_of], 0, None)).astype(np.float32)
+    rows, _ = prepare_patterns(noisy - 4.0)               # the flat background removed
+    usable = np.ones(9, dtype=bool)
+    usable[1] = False                                    # a zero solution of grain A
+    truth, _ = prepare_patterns(clean[:1])
+
+    row, members = average_same_grain(rows, 4, usable)
+    np.testing.assert_array_equal(members, (grain_of == 0) & usable)
+    assert abs(float(np.linalg.norm(row)) - 1) < 1e-5 and abs(float(row.mean())) < 1e-6
+    # Five noisy copies: signal-to-noise √5 times one copy's (NCC ρ -> ρ√5 / √(1 + 4ρ²)).
+    rho = np.array([float(rows[i] @ truth[0]) for i in (0, 2, 3, 4, 5)])
+    snr = np.sqrt(5) * np.mean(rho / np.sqrt(1 - rho**2))
+    assert float(row @ truth[0]) > 0.95 * snr / np.sqrt(1 + snr**2) > 1.3 * rho.max()
+    # The centre alone in its grain: kept alone.
+    row, members = average_same_grain(rows, 7, np.isin(np.arange(9), [0, 2, 3, 5, 7]))
+    np.testing.assert_array_equal(members, np.arange(9) == 7)
+    np.testing.assert_allclose(row, rows[7], rtol=1e-5, atol=1e-7)
 
 
 def test_calibration_on_drifting_patterns_recovers_the_field():
