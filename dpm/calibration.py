@@ -384,7 +384,7 @@ def average_same_grain(rows: Any, centre: int, usable: np.ndarray, *,
     members[centre] = True
     mean = rows[xp.asarray(np.flatnonzero(members))].mean(axis=0)
     mean = mean - mean.mean()
-    return mean / xp.maximum(xp.linalg.norm(mean), 1e-30), members
+    return mean / max(float(xp.sqrt((mean * mean).sum())), 1e-30), members
 
 
 def select_calibration_patterns(band_contrast: np.ndarray, usable: np.ndarray,
