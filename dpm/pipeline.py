@@ -624,7 +624,7 @@ def _calibration_patterns(context, config: IndexConfig, progress: bool) -> _Cali
             picked_bc.append(float(bc[int(r) * shape[1] + int(c)]))
         offset += len(ok)
     npix = int(all_rows.shape[1])
-    rows = (context.xp.stack(picked_rows) if picked_rows
+    rows = (context.xp.concatenate([row[None] for row in picked_rows]) if picked_rows
             else context.xp.zeros((0, npix), dtype=all_rows.dtype))
     return _CalibrationPatterns(rows, picked, np.asarray(positions, dtype=np.float64).reshape(-1, 2),
                                 np.asarray(averaged, dtype=np.int64), np.asarray(picked_bc),
