@@ -374,6 +374,7 @@ def average_same_grain(rows: Any, centre: int, usable: np.ndarray, *,
         The rows averaged (the centre included).
     """
     from dpm import backend
+    from dpm.match import prepare_patterns
 
     xp = backend.namespace(rows)
     ncc = np.asarray(backend.to_host(rows @ rows[centre]), dtype=np.float64)
@@ -383,8 +384,7 @@ def average_same_grain(rows: Any, centre: int, usable: np.ndarray, *,
     members = usable & (ncc >= max(fraction * best, floor))
     members[centre] = True
     mean = rows[xp.asarray(np.flatnonzero(members))].mean(axis=0)
-    mean = mean - mean.mean()
-    return mean / max(float(xp.sqrt((mean * mean).sum())), 1e-30), members
+    return prepare_patterns(mean[None]).data[0], members
 
 
 def select_calibration_patterns(band_contrast: np.ndarray, usable: np.ndarray,

@@ -518,7 +518,7 @@ def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]],
     refined jointly (:func:`dpm.refine.fit_shared_pattern_centre`).
     """
     from dpm.chunks import PatternRows, block_rows, match_rows
-    from dpm.refine import fit_shared_pattern_centre, refinement_master
+    from dpm.refine import fit_shared_pattern_centre
 
     nx = context.map_shape[1]
     n = int(np.prod(context.map_shape))
@@ -532,13 +532,10 @@ def _fit_shared_pattern_centre(context, blocks: list[tuple[int, int, int, int]],
     candidates = np.flatnonzero(readable)
     subset = np.sort(candidates[np.argsort(-bc[candidates], kind="stable")[:refinement.pc_subset]])
     sub_rows = PatternRows(context, blocks, context.budget // 4)[subset]
-    master = context.master
     best = match_rows(context, sub_rows, 1)
     starts = context.rotations[backend.to_host(best.indices)[:, 0]].astype(np.float64)
-    pc, _, _ = fit_shared_pattern_centre(sub_rows, refinement_master(master, context.det_used,
-                                                                     psf=refinement.psf),
-                                         context.det_used, starts, mask=context.mask_used,
-                                         config=refinement)
+    pc, _, _ = fit_shared_pattern_centre(sub_rows, context.refinement_master(), context.det_used,
+                                         starts, mask=context.mask_used, config=refinement)
     return pc
 
 
@@ -564,8 +561,6 @@ class _CalibrationPatterns:
     positions : (k, 2) float array
         Mean (row, column) of the pixels averaged into each: the beam
         position whose PC the pattern has.
-    averaged : (k,) int array
-        Pixels averaged into each.
     band_contrast : (k,) float array
         Their band contrast.
     windows
@@ -575,7 +570,6 @@ class _CalibrationPatterns:
     rows: Any
     pixels: list[tuple[int, int]]
     positions: np.ndarray
-    averaged: np.ndarray
     band_contrast: np.ndarray
     windows: int
 
@@ -606,7 +600,7 @@ def _calibration_patterns(context, config: IndexConfig, progress: bool) -> _Cali
     bc_all = pattern_quality_maps(all_rows, context.det_used, context.mask_used, len(all_rows),
                                   band_contrast=None if file_bc[0] is None
                                   else np.concatenate(file_bc))[0]
-    picked_rows, picked, positions, averaged, picked_bc = [], [], [], [], []
+    picked_rows, picked, positions, picked_bc = [], [], [], []
     offset = 0
     for (r0, r1, c0, c1), ok in zip(windows, window_ok):
         shape = (r1 - r0, c1 - c0)
@@ -620,15 +614,13 @@ def _calibration_patterns(context, config: IndexConfig, progress: bool) -> _Cali
             picked_rows.append(row)
             picked.append((r0 + int(r), c0 + int(c)))
             positions.append((r0 + mr.mean(), c0 + mc.mean()))
-            averaged.append(int(members.sum()))
             picked_bc.append(float(bc[int(r) * shape[1] + int(c)]))
         offset += len(ok)
     npix = int(all_rows.shape[1])
     rows = (context.xp.concatenate([row[None] for row in picked_rows]) if picked_rows
             else context.xp.zeros((0, npix), dtype=all_rows.dtype))
     return _CalibrationPatterns(rows, picked, np.asarray(positions, dtype=np.float64).reshape(-1, 2),
-                                np.asarray(averaged, dtype=np.int64), np.asarray(picked_bc),
-                                len(windows))
+                                np.asarray(picked_bc), len(windows))
 
 
 def _search_pattern_centre(context, config: IndexConfig,

@@ -497,7 +497,7 @@ def _refine_sums_cuda(tables: Any, S: Any, pixels: Any, sx: float, sy: float, pa
                       used: Any, out: Any) -> None:
     """Launch ``kernels/refine.cu::refine_sums``; writes ``out`` in place.
 
-    With a PSF the kernel needs ``scratch_floats(...)`` floats of scratch per
+    With a PSF the kernel needs :func:`_scratch_floats` floats of scratch per
     candidate: launched over slices of at most ``_PSF_BATCH`` candidates."""
     xp = backend.namespace(out)
     m = quaternions.shape[0]
