@@ -27,13 +27,21 @@
 //   so with n_params == 3 every sum holding a D_3..5 is exactly 0.
 //   dpm/refine.py turns them into the NCC, its gradient and J^T J.
 //   n_params is 3 or 6 (any other value is treated as 6).
+//   Camera PSF: with n_taps > 1, I and D are first evaluated on the whole
+//   detector padded by r = (n_taps - 1) / 2 pixels (`pixels` then holds its
+//   ngrid pixel centres, row-major), blurred by the separable Gaussian `taps`
+//   (rows, then columns), and read at the used pixels `used` (flat indices
+//   row * sx + col into the sy x sx detector image). With n_taps == 1,
+//   `pixels` are the used pixels themselves (ngrid == npix).
 //
 // Layout: tables (2, side, side, 4) float32: hemisphere (north, south) x
 //   Lambert row (b) x Lambert column (a) x channel (I, dI/da, dI/db, 0), so
 //   the three channels of a grid node are one aligned 16-byte load;
-//   S (9,) float32; pixels (npix, 2) float32 (cx, ry); patterns (n, npix)
+//   S (9,) float32; pixels (ngrid, 2) float32 (cx, ry); patterns (n, npix)
 //   float32; item_pattern (m,) int32; quaternions (m, 4) float32;
-//   pcs (m, 3) float32; out (m, 42) float64. All C-contiguous.
+//   pcs (m, 3) float32; taps (n_taps,) float64; used (npix,) int32;
+//   scratch (m * 7 * (ngrid + (ngrid / (sx + n_taps - 1)) * sx),) float32
+//   (unused without a PSF); out (m, 42) float64. All C-contiguous.
 //
 // Launch geometry (set in dpm/refine.py, _refine_sums_cuda):
 //   grid  = m blocks, block i owns item i (one refinement candidate);
