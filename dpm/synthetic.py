@@ -405,7 +405,8 @@ def random_quaternions(n: int, rng: np.random.Generator) -> np.ndarray:
     return q * np.where(q[:, :1] < 0, -1.0, 1.0)
 
 
-def background(shape: tuple[int, int], pc: tuple[float, float, float], width: float) -> np.ndarray:
+def background(shape: tuple[int, int], pc: tuple[float, float, float], width: float,
+               pad: int = 0) -> np.ndarray:
     """Smooth background hump (max 1) centred on the pattern centre.
 
     Parameters
@@ -416,9 +417,15 @@ def background(shape: tuple[int, int], pc: tuple[float, float, float], width: fl
         Bruker pattern centre; the hump peaks at ``(PCx · sx, PCy · sy)``.
     width
         σ as a fraction of the detector width.
+    pad
+        Pixels of screen beyond each detector edge to include.
+
+    Returns
+    -------
+    background : (sy + 2 pad, sx + 2 pad) float32 array
     """
     sy, sx = shape
-    r, c = np.mgrid[0:sy, 0:sx]
+    r, c = np.mgrid[-pad:sy + pad, -pad:sx + pad]
     d2 = (c + 0.5 - pc[0] * sx) ** 2 + (r + 0.5 - pc[1] * sy) ** 2
     return (0.25 + 0.75 * np.exp(-d2 / (2 * (width * sx) ** 2))).astype(np.float32)
 
@@ -441,7 +448,7 @@ def distortion_fields(shape: tuple[int, int], n: int, amplitude: float,
     return np.clip(1.0 + amplitude * noise, 0.0, None).astype(np.float32)
 
 
-def shadow(shape: tuple[int, int], fraction: float) -> np.ndarray:
+def shadow(shape: tuple[int, int], fraction: float, pad: int = 0) -> np.ndarray:
     """Transmission of a detector shadow covering ``fraction`` of the pattern area.
 
     The shadow enters from the bottom of the pattern (rows of high index), its
@@ -459,19 +466,22 @@ def shadow(shape: tuple[int, int], fraction: float) -> np.ndarray:
         Detector ``(sy, sx)``.
     fraction
         Shadowed fraction of the pattern area, in [0, 1); 0 gives no shadow.
+    pad
+        Pixels of screen beyond each detector edge to include (the edge is
+        placed by the detector's own pixels).
 
     Returns
     -------
-    transmission : (sy, sx) float32 array
+    transmission : (sy + 2 pad, sx + 2 pad) float32 array
         1 outside the shadow, :data:`SHADOW_TRANSMISSION` inside.
     """
     sy, sx = shape
     if fraction <= 0:
-        return np.ones(shape, dtype=np.float32)
-    r, c = np.mgrid[0:sy, 0:sx] + 0.5
+        return np.ones((sy + 2 * pad, sx + 2 * pad), dtype=np.float32)
+    r, c = np.mgrid[-pad:sy + pad, -pad:sx + pad] + 0.5
     phi = np.deg2rad(SHADOW_EDGE_ANGLE)
     depth = r * np.cos(phi) - c * np.sin(phi)  # px, grows towards the lower-left corner
-    edge = np.quantile(depth, 1.0 - fraction)
+    edge = np.quantile(depth[pad:pad + sy, pad:pad + sx], 1.0 - fraction)
     inside = 0.5 * (1.0 + np.tanh((depth - edge) / (2.0 * SHADOW_EDGE * sx)))  # logistic
     return (1.0 - (1.0 - SHADOW_TRANSMISSION) * inside).astype(np.float32)
 
@@ -510,6 +520,30 @@ def camera_patterns(master: MasterPattern, detector: Detector, quaternions: np.n
     return out
 
 
+def padded_pc(shape: tuple[int, int], pc: np.ndarray | tuple[float, float, float],
+              pad: int) -> np.ndarray:
+    """Bruker PC(s) of a detector seen as part of the screen padded by ``pad`` pixels.
+
+    The padded screen has ``(sy + 2 pad, sx + 2 pad)`` pixels and the same
+    pixel pitch, so ``PCx' (sx + 2 pad) = PCx sx + pad``,
+    ``PCy' (sy + 2 pad) = PCy sy + pad`` and ``PCz' (sy + 2 pad) = PCz sy``.
+
+    Parameters
+    ----------
+    shape
+        Detector ``(sy, sx)``.
+    pc : (3,) or (n, 3) array
+        Bruker PC(s) on the detector.
+    pad
+        Pixels added beyond each edge.
+    """
+    sy, sx = shape
+    pc = np.asarray(pc, dtype=np.float64)
+    return np.stack([(pc[..., 0] * sx + pad) / (sx + 2 * pad),
+                     (pc[..., 1] * sy + pad) / (sy + 2 * pad),
+                     pc[..., 2] * sy / (sy + 2 * pad)], axis=-1)
+
+
 def drift_field(detector: Detector, map_shape: tuple[int, int], step_size: float,
                 drift: float) -> PatternCentreField:
     """The PC field of a flat sample whose PCx changes by ``± drift`` across the map's width.
@@ -541,8 +575,9 @@ def synthetic_map(
     :func:`shadow` transmission, ``K`` the projected master pattern scaled to
     zero mean and unit standard deviation, and ``c`` the contrast
     (``weak_contrast`` at weak pixels); pores get ``counts · B · T`` alone.
-    Patterns are blurred, then rescaled into uint8 with the same gain for the
-    whole map.
+    Patterns are blurred on the screen (light from beyond the detector's
+    edges included, as a camera's optics blur it), then rescaled into uint8
+    with the same gain for the whole map.
 
     Parameters
     ----------
@@ -573,24 +608,41 @@ def synthetic_map(
     if config.pc_drift > 0:
         rows, cols = np.divmod(np.arange(ny * nx), nx)
         pcs = drift_field(detector, (ny, nx), config.step_size, config.pc_drift).at(cols, rows)
-    kikuchi = camera_patterns(master, detector, quaternions, config.supersample, pcs=pcs)
-    kikuchi -= kikuchi.mean(axis=(1, 2), keepdims=True)
-    kikuchi /= np.maximum(kikuchi.std(axis=(1, 2), keepdims=True), 1e-12)  # unit std
+    # The camera blurs the light on its screen: the pixels at the detector's edges also get
+    # light from just beyond it. So the patterns are recorded on the screen padded by the
+    # blur's radius (scipy's, truncate 4), blurred, then cropped to the detector.
+    pad = int(4.0 * config.blur + 0.5) if config.blur > 0 else 0
+    sy, sx = detector.shape
+    inner = (slice(None), slice(pad, pad + sy), slice(pad, pad + sx))
+    screen = replace(detector, shape=(sy + 2 * pad, sx + 2 * pad),
+                     pc=tuple(padded_pc(detector.shape, detector.pc, pad)))
+    kikuchi = camera_patterns(master, screen, quaternions, config.supersample,
+                              pcs=None if pcs is None else padded_pc(detector.shape, pcs, pad))
+    # zero mean, unit std over the detector itself
+    kikuchi -= kikuchi[inner].mean(axis=(1, 2), keepdims=True)
+    kikuchi /= np.maximum(kikuchi[inner].std(axis=(1, 2), keepdims=True), 1e-12)
     kikuchi[~diffracting.ravel()] = 0.0
     contrast = np.full((ny * nx, 1, 1), config.contrast, dtype=np.float32)
     contrast[weak.ravel()] = config.weak_contrast
-    bg = background(detector.shape, detector.pc, config.background_width)
-    bg = bg * shadow(detector.shape, config.shadow_fraction)
+    bg = background(detector.shape, detector.pc, config.background_width, pad)
+    bg = bg * shadow(detector.shape, config.shadow_fraction, pad)
     intensity = config.counts * bg[None] * np.clip(1.0 + contrast * kikuchi, 0.0, None)
     if config.weak_distortion > 0 and weak.any():
-        intensity[weak.ravel()] *= distortion_fields(
-            detector.shape, int(weak.sum()), config.weak_distortion,
-            np.random.default_rng([config.seed, 2]))
-    counts = rng.poisson(intensity).astype(np.float32)
+        fields = distortion_fields(detector.shape, int(weak.sum()), config.weak_distortion,
+                                   np.random.default_rng([config.seed, 2]))
+        intensity[weak.ravel()] *= np.pad(fields, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
+    # The detector's pixels draw their noise from the map's stream as an unpadded camera
+    # would; the ring beyond the edge from a stream of its own.
+    counts = np.empty_like(intensity)
+    counts[inner] = rng.poisson(intensity[inner])
+    ring = np.ones(intensity.shape[1:], dtype=bool)
+    ring[inner[1:]] = False
+    counts[:, ring] = np.random.default_rng([config.seed, 3]).poisson(intensity[:, ring])
     mean_background = np.float32(config.counts) * bg
     if config.blur > 0:
         counts = ndimage.gaussian_filter(counts, sigma=(0, config.blur, config.blur))
         mean_background = ndimage.gaussian_filter(mean_background, sigma=config.blur)
+    counts, mean_background = counts[inner], mean_background[inner[1:]]
     gain = 255.0 / np.percentile(counts, 99.9)
     patterns = np.clip(np.rint(counts * gain), 0, 255).astype(np.uint8)
     return SyntheticMap(

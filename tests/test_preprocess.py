@@ -78,6 +78,52 @@ class TestStaticBackground:
             pp.remove_static_background(raw[0], np.ones((16, 19)))
 
 
+class TestSmoothedMeanBackground:
+    def test_a_linear_background_is_kept_to_its_edges(self):
+        rows, cols = np.mgrid[0:40, 0:50]
+        ramp = 100.0 + 0.8 * cols - 0.5 * rows
+        np.testing.assert_allclose(pp.smooth_background(ramp, 4.0), ramp, atol=1e-9)
+
+    def test_a_band_is_damped_as_the_gaussian_predicts(self):
+        # A one-pixel line of height h on a flat background: the filter leaves h / (σ √(2π))
+        # on the line (the kernel's centre value; scipy normalises the truncated taps).
+        image = np.full((41, 41), 50.0)
+        image[:, 20] += 10.0
+        sigma = 3.0
+        taps = np.exp(-0.5 * (np.arange(-12, 13) / sigma) ** 2)
+        out = pp.smooth_background(image, sigma)
+        np.testing.assert_allclose(out[:, 20] - 50.0, 10.0 / taps.sum(), rtol=1e-6)
+        np.testing.assert_array_equal(pp.smooth_background(image, 0), image)
+
+    def test_too_wide_a_sigma_is_named(self):
+        with pytest.raises(ValueError, match="mean_sigma 5 px reaches 20 px"):
+            pp.smooth_background(np.ones((16, 20)), 5.0)
+
+    def test_mean_of_a_few_grain_map_loses_its_bands(self):
+        """The default smoothed mean of an 8-grain map is closer to the camera's true static
+        background (known to the synthetic map) than the raw mean, which keeps the bands."""
+        from dpm.master.shipped import shipped_master_pattern
+        from dpm.synthetic import SyntheticConfig, synthetic_map
+
+        smap = synthetic_map(shipped_master_pattern("li", 20.0), Detector(shape=(40, 40), pc=(0.5, 0.45, 0.55)),
+                             SyntheticConfig(map_shape=(12, 24), grain_width=3.0, seed=4))
+        stack = as_pattern_stack(smap.patterns)
+        truth = smap.static_background
+        raw_mean = pp.resolve_static_background(stack, pp.PreprocessConfig(mean_sigma=0))
+        smooth = pp.resolve_static_background(stack, pp.PreprocessConfig())
+        np.testing.assert_allclose(raw_mean, smap.patterns.reshape(-1, 40, 40).mean(0),
+                                   rtol=1e-5)
+        rms = [np.sqrt(np.mean((b / b.mean() - truth / truth.mean()) ** 2))
+               for b in (raw_mean, smooth)]
+        assert rms[1] < 0.5 * rms[0], rms
+
+    def test_a_given_mean_is_not_smoothed_again(self, raw):
+        bg = raw.mean(axis=(0, 1))
+        out = pp.resolve_static_background(as_pattern_stack(raw), pp.PreprocessConfig(),
+                                           background=bg)
+        np.testing.assert_allclose(out, bg, rtol=1e-6)
+
+
 class TestBinning:
     @pytest.mark.parametrize("mode", ["sum", "mean"])
     def test_matches_strided_block_sums(self, xp, raw, mode):
@@ -251,8 +297,9 @@ class TestPreprocessStack:
         s.remove_dynamic_background(filter_domain="spatial", std=1.5, show_progressbar=False)
         s.average_neighbour_patterns(window="gaussian", window_shape=(3, 3), std=1.0,
                                      show_progressbar=False)
-        config = pp.PreprocessConfig(binning=2, dynamic_background=True, dynamic_sigma=1.5,
-                                     neighbour_sigma=1.0, neighbour_truncate=1.0, rescale=True,
+        config = pp.PreprocessConfig(mean_sigma=0, binning=2, dynamic_background=True,
+                                     dynamic_sigma=1.5, neighbour_sigma=1.0,
+                                     neighbour_truncate=1.0, rescale=True,
                                      rescale_range=(-1, 1))
         out, _ = _run(as_pattern_stack(raw), config, np, chunk_size=7)
         np.testing.assert_allclose(out, _flat(s.data), atol=2e-5)
@@ -311,7 +358,9 @@ class TestPreprocessConfig:
             pp.PreprocessConfig(**{field: value})
 
     @pytest.mark.parametrize("fields", [{"binning": 0}, {"binning": 1.5}, {"operation": "add"},
-                                        {"rescale_range": (1, 0)}, {"neighbour_truncate": 0}])
+                                        {"rescale_range": (1, 0)}, {"neighbour_truncate": 0},
+                                        {"mean_sigma": -1}, {"mean_sigma": float("inf")},
+                                        {"mean_sigma": True}])
     def test_bad_values_are_rejected(self, fields):
         with pytest.raises(ValueError):
             pp.PreprocessConfig(**fields)
@@ -327,6 +376,8 @@ class TestPreprocessConfig:
             "static_background", "binning", "dynamic_background", "gaussian_filter",
             "neighbour_averaging", "rescale_intensity"]
         assert steps[2]["sigma"] == 5.0 and steps[4]["radius"] == 2
+        assert steps[0]["smoothing_sigma"] == 80 / 15
+        assert pp.PreprocessConfig(mean_sigma=0).steps()[0]["smoothing_sigma"] == 0.0
         assert steps[5]["range"] == [0.0, 255.0] and config.rescale_range == (0.0, 255.0)
         json.dumps(steps)
 
