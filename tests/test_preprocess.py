@@ -100,8 +100,9 @@ class TestSmoothedMeanBackground:
             pp.smooth_background(np.ones((16, 20)), 5.0)
 
     def test_mean_of_a_few_grain_map_loses_its_bands(self):
-        """The default smoothed mean of an 8-grain map is closer to the camera's true static
-        background (known to the synthetic map) than the raw mean, which keeps the bands."""
+        """The smoothed mean (width / 15) of a few-grain map is closer to the camera's true
+        static background (known to the synthetic map) than the raw mean, which keeps the
+        bands."""
         from dpm.master.shipped import shipped_master_pattern
         from dpm.synthetic import SyntheticConfig, synthetic_map
 
@@ -110,7 +111,7 @@ class TestSmoothedMeanBackground:
         stack = as_pattern_stack(smap.patterns)
         truth = smap.static_background
         raw_mean = pp.resolve_static_background(stack, pp.PreprocessConfig(mean_sigma=0))
-        smooth = pp.resolve_static_background(stack, pp.PreprocessConfig())
+        smooth = pp.resolve_static_background(stack, pp.PreprocessConfig(mean_sigma=None))
         np.testing.assert_allclose(raw_mean, smap.patterns.reshape(-1, 40, 40).mean(0),
                                    rtol=1e-5)
         rms = [np.sqrt(np.mean((b / b.mean() - truth / truth.mean()) ** 2))
@@ -119,8 +120,8 @@ class TestSmoothedMeanBackground:
 
     def test_a_given_mean_is_not_smoothed_again(self, raw):
         bg = raw.mean(axis=(0, 1))
-        out = pp.resolve_static_background(as_pattern_stack(raw), pp.PreprocessConfig(),
-                                           background=bg)
+        out = pp.resolve_static_background(as_pattern_stack(raw),
+                                           pp.PreprocessConfig(mean_sigma=2.0), background=bg)
         np.testing.assert_allclose(out, bg, rtol=1e-6)
 
 
@@ -376,8 +377,8 @@ class TestPreprocessConfig:
             "static_background", "binning", "dynamic_background", "gaussian_filter",
             "neighbour_averaging", "rescale_intensity"]
         assert steps[2]["sigma"] == 5.0 and steps[4]["radius"] == 2
-        assert steps[0]["smoothing_sigma"] == 80 / 15
-        assert pp.PreprocessConfig(mean_sigma=0).steps()[0]["smoothing_sigma"] == 0.0
+        assert steps[0]["smoothing_sigma"] == 0.0
+        assert pp.PreprocessConfig(mean_sigma=None).steps((60, 80))[0]["smoothing_sigma"] == 80 / 15
         assert steps[5]["range"] == [0.0, 255.0] and config.rescale_range == (0.0, 255.0)
         json.dumps(steps)
 
