@@ -106,7 +106,8 @@ class TestSmoothedMeanBackground:
         from dpm.master.shipped import shipped_master_pattern
         from dpm.synthetic import SyntheticConfig, synthetic_map
 
-        smap = synthetic_map(shipped_master_pattern("li", 20.0), Detector(shape=(40, 40), pc=(0.5, 0.45, 0.55)),
+        smap = synthetic_map(shipped_master_pattern("li", 20.0),
+                             Detector(shape=(40, 40), pc=(0.5, 0.45, 0.55)),
                              SyntheticConfig(map_shape=(12, 24), grain_width=3.0, seed=4))
         stack = as_pattern_stack(smap.patterns)
         truth = smap.static_background
