@@ -64,11 +64,13 @@ _log = logging.getLogger("dpm")
 TRUNCATE = 4.0
 
 
-def _check_positive(name: str, value: Any) -> float:
-    """``value`` as a float; a ValueError unless a positive finite number."""
+def _check_positive(name: str, value: Any, *, zero: bool = False) -> float:
+    """``value`` as a float; a ValueError unless a positive (or, with ``zero``, a
+    non-negative) finite number."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"Expected `{name}` to be a positive number, got {value!r}")
+            or not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+        raise ValueError(f"Expected `{name}` to be a {'non-negative' if zero else 'positive'} "
+                         f"number, got {value!r}")
     return float(value)
 
 
@@ -168,27 +170,22 @@ class PreprocessConfig:
         _check_choice("dynamic_operation", self.dynamic_operation, ("subtract", "divide"))
         object.__setattr__(self, "binning", _check_factor(self.binning))
         if self.mean_sigma is not None:
-            if isinstance(self.mean_sigma, bool) or not isinstance(
-                    self.mean_sigma, (int, float, np.integer, np.floating)) \
-                    or not (math.isfinite(self.mean_sigma) and self.mean_sigma >= 0):
-                raise ValueError(f"Expected `mean_sigma` to be None or a number >= 0 (detector "
-                                 f"pixels), got {self.mean_sigma!r}")
-            object.__setattr__(self, "mean_sigma", float(self.mean_sigma))
+            object.__setattr__(self, "mean_sigma",
+                               _check_positive("mean_sigma", self.mean_sigma, zero=True))
         for name in ("dynamic_sigma", "gaussian_sigma", "neighbour_sigma"):
             object.__setattr__(self, name, _check_sigma(name, getattr(self, name)))
         object.__setattr__(self, "neighbour_truncate",
                            _check_positive("neighbour_truncate", self.neighbour_truncate))
         object.__setattr__(self, "rescale_range", _check_range(self.rescale_range))
 
-    def mean_smoothing(self, pattern_shape: tuple[int, int] | None) -> float:
+    def mean_smoothing(self, pattern_shape: tuple[int, int] | None) -> float | None:
         """σ in raw detector pixels that smooths a ``"mean"`` background (0: none).
 
-        ``pattern_shape`` ``(sy, sx)`` resolves the default (``sx / 15``)."""
+        ``pattern_shape`` ``(sy, sx)`` resolves the default (``sx / 15``); None
+        when the default is asked for without it."""
         if self.mean_sigma is not None:
             return self.mean_sigma
-        if pattern_shape is None:
-            raise ValueError("the default mean_sigma needs the pattern shape")
-        return pattern_shape[1] / 15
+        return None if pattern_shape is None else pattern_shape[1] / 15
 
     @property
     def neighbour_radius(self) -> int:
@@ -225,8 +222,7 @@ class PreprocessConfig:
             step = {"step": "static_background", "source": self.static_background,
                     "operation": self.operation, "stretch": [0.0, 1.0]}
             if self.static_background == "mean":
-                step["smoothing_sigma"] = (None if pattern_shape is None and self.mean_sigma
-                                           is None else self.mean_smoothing(pattern_shape))
+                step["smoothing_sigma"] = self.mean_smoothing(pattern_shape)
             steps.append(step)
         if self.binning > 1:
             steps.append({"step": "binning", "factor": self.binning, "mode": self.binning_mode})
@@ -487,6 +483,19 @@ def _reflect(index: np.ndarray, size: int) -> np.ndarray:
     return np.where(index >= size, 2 * size - 1 - index, index)
 
 
+def gaussian_taps(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps of σ = ``sigma`` pixels, radius ``int(4 σ + 0.5)``.
+
+    SciPy's ``gaussian_filter1d`` weights (truncate 4), so a blur with them
+    equals it away from the edges; ``[1.0]`` for ``sigma = 0``."""
+    radius = _window_radius(sigma, TRUNCATE)
+    if radius == 0:
+        return np.ones(1)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (offsets / sigma) ** 2)
+    return taps / taps.sum()
+
+
 @functools.lru_cache(maxsize=64)
 def _gaussian_matrix(size: int, sigma: float) -> np.ndarray:
     """(size, size) float32 matrix ``G`` with ``G @ v`` the reflect-mode blur of ``v``.
@@ -494,10 +503,8 @@ def _gaussian_matrix(size: int, sigma: float) -> np.ndarray:
     Row ``i`` holds SciPy's ``gaussian_filter1d`` weights (radius
     ``int(4 sigma + 0.5)``, normalised to sum 1) at the reflected input indices.
     """
-    radius = _window_radius(sigma, TRUNCATE)
-    offsets = np.arange(-radius, radius + 1)
-    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
-    weights /= weights.sum()
+    weights = gaussian_taps(sigma)
+    offsets = np.arange(weights.size) - weights.size // 2
     rows = np.repeat(np.arange(size), offsets.size)
     cols = _reflect(np.arange(size)[:, None] + offsets[None, :], size).ravel()
     matrix = np.zeros((size, size))

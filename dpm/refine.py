@@ -84,6 +84,7 @@ import numpy as np
 from dpm import backend
 from dpm.detector import Detector, as_detector, sample_to_detector_matrix
 from dpm.master import MasterPattern
+from dpm.preprocess import gaussian_taps
 from dpm.projection import lambert_cell, rotation_matrix_scalar
 
 if TYPE_CHECKING:
@@ -590,7 +591,7 @@ def _problem(patterns: Any, rmaster: RefinementMaster, detector: Detector,
         raise ValueError(f"patterns have {patterns.shape[1]} pixels per row but the detector "
                          f"{detector.shape} and mask give {rows.size}")
     used = (rows * sx + cols).astype(np.int32)
-    taps = psf_taps(rmaster.psf)
+    taps = gaussian_taps(rmaster.psf)
     if taps.size > 1:
         # Evaluate on the detector padded by the PSF's radius (light from
         # just outside the screen's edge reaches its edge pixels), blur, read.
@@ -603,20 +604,6 @@ def _problem(patterns: Any, rmaster: RefinementMaster, detector: Detector,
                     pixels=xp.asarray(pixels), sx=float(sx), sy=float(sy),
                     patterns=xp.ascontiguousarray(patterns, dtype=xp.float32),
                     taps=xp.asarray(taps), used=xp.asarray(used))
-
-
-def psf_taps(psf: float) -> np.ndarray:
-    """Normalised 1-D Gaussian taps of σ = ``psf`` pixels, radius ``round(4 σ)``.
-
-    ``[1.0]`` for ``psf = 0``; the same truncation as
-    :func:`scipy.ndimage.gaussian_filter`'s default, so a blur with these taps
-    equals it away from the image edges."""
-    radius = int(4.0 * psf + 0.5)
-    if radius == 0:
-        return np.ones(1)
-    k = np.arange(-radius, radius + 1, dtype=np.float64)
-    taps = np.exp(-0.5 * (k / psf) ** 2)
-    return taps / taps.sum()
 
 
 # ------------------------------------------------------- sums -> NCC, ∇, JᵀJ

@@ -27,6 +27,7 @@ from scipy import ndimage
 from dpm.calibration import PatternCentreField, pattern_centre_field
 from dpm.detector import Detector
 from dpm.master import MasterPattern
+from dpm.preprocess import gaussian_taps
 from dpm.projection import project
 
 #: Fraction of the intensity (background and Kikuchi signal) that reaches the
@@ -611,7 +612,7 @@ def synthetic_map(
     # The camera blurs the light on its screen: the pixels at the detector's edges also get
     # light from just beyond it. So the patterns are recorded on the screen padded by the
     # blur's radius (scipy's, truncate 4), blurred, then cropped to the detector.
-    pad = int(4.0 * config.blur + 0.5) if config.blur > 0 else 0
+    pad = gaussian_taps(config.blur).size // 2
     sy, sx = detector.shape
     inner = (slice(None), slice(pad, pad + sy), slice(pad, pad + sx))
     screen = replace(detector, shape=(sy + 2 * pad, sx + 2 * pad),

@@ -45,10 +45,9 @@ from dpm.refine import (
     correlation_terms,
     distinct_starts,
     refine,
-    psf_taps,
     refinement_master,
 )
-from dpm.synthetic import camera_patterns, random_quaternions
+from dpm.synthetic import camera_patterns, padded_pc, random_quaternions
 
 #: True geometry of every synthetic pattern: rectangular, off-centre PC, tilted.
 DETECTOR = Detector((30, 34), pc=(0.49, 0.27, 0.58), tilt=4.0, azimuthal=1.0, twist=0.5)
@@ -101,10 +100,8 @@ def normalised_projection(rmaster, detector: Detector, q: np.ndarray,
     if rmaster.psf > 0:
         pad = int(4.0 * rmaster.psf + 0.5)
         sy, sx = detector.shape
-        pcx, pcy, pcz = detector.pc
         padded = replace(detector, shape=(sy + 2 * pad, sx + 2 * pad),
-                         pc=((pcx * sx + pad) / (sx + 2 * pad), (pcy * sy + pad) / (sy + 2 * pad),
-                             pcz * sy / (sy + 2 * pad)))
+                         pc=tuple(padded_pc(detector.shape, detector.pc, pad)))
         # Normalising before the blur changes nothing after the renormalisation below.
         image = project(rmaster.master, padded, q[None], device="cpu").reshape(padded.shape)
         image = ndimage.gaussian_filter(image.astype(np.float64), rmaster.psf)[pad:-pad, pad:-pad]
